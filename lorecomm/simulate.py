@@ -1,0 +1,177 @@
+"""Single-process simulation of N ranks, in float64: the reference.
+
+A direct reading of ALGORITHM.md, one matrix at a time, with explicit loops
+over ranks and no shared code with the runtime's maths; only the random draws
+(probes, random columns, frames) are shared, so both see the same randomness.
+The tests hold the runtime on real Gloo ranks against it, and the convergence
+benchmarks use it for world sizes a 2-core machine cannot run as processes.
+
+    sim = SimulatedGreedyLore(world_size=4, params=[("w", (64, 32)), ("b", (64,))], rank=4)
+    avg = sim.step(grads)   # grads[i][p]: rank i's gradient of parameter p
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .plan import matrix_shape, name_is_dense
+from .probes import probe_key, probe_matrix
+from .random_linear import frame
+from .sketches import random_columns, random_coordinates
+
+
+class _Simulated:
+    def __init__(self, world_size: int, params: Sequence[tuple[str, Sequence[int]]], rank: int,
+                 min_compression_rate: float, dense_name_patterns: Sequence[str], seed: int, error_feedback: bool):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.N = world_size
+        self.params = [(name, tuple(shape)) for name, shape in params]
+        self.rank, self.seed, self.error_feedback = rank, seed, error_feedback
+        self.t = 0
+        self.ranks: list[int | None] = []  # per parameter: r, or None for dense
+        for name, shape in self.params:
+            mn = matrix_shape(shape)
+            r = None
+            if mn is not None and not name_is_dense(name, dense_name_patterns):
+                m, n = mn
+                rr = min(rank, m, n)
+                if max(m, n) * rr * min_compression_rate < m * n:
+                    r = rr
+            self.ranks.append(r)
+        self.E = [[self._zeros(p) for p in range(len(self.params))] for _ in range(self.N)]
+        self.bytes_sent = 0  # per rank, as the runtime counts them (scores, factors, dense)
+
+    def _oriented(self, p: int, g: torch.Tensor) -> torch.Tensor:
+        m, n = matrix_shape(self.params[p][1])
+        x = g.reshape(m, n).double()
+        return x.t() if m > n else x
+
+    def _unoriented(self, p: int, x: torch.Tensor) -> torch.Tensor:
+        m, n = matrix_shape(self.params[p][1])
+        return (x.t() if m > n else x).reshape(self.params[p][1])
+
+    def _zeros(self, p: int):
+        mn = matrix_shape(self.params[p][1])
+        if self.ranks and self.ranks[p] is not None:
+            return torch.zeros(min(mn), max(mn), dtype=torch.float64)
+        return None
+
+    def compressed_params(self) -> list[int]:
+        return [p for p, r in enumerate(self.ranks) if r is not None]
+
+    def step(self, grads: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        if len(grads) != self.N:
+            raise ValueError(f"expected gradients of {self.N} ranks, got {len(grads)}")
+        self.t += 1
+        out = []
+        for p, (name, shape) in enumerate(self.params):
+            gs = [grads[i][p].double() for i in range(self.N)]
+            if self.ranks[p] is None or self._dense_step():
+                out.append(sum(gs) / self.N)
+                self.bytes_sent += 4 * gs[0].numel()
+            else:
+                hs = [self._oriented(p, g) + (self.E[i][p] if self.error_feedback else 0) for i, g in enumerate(gs)]
+                out.append(self._unoriented(p, self._matrix_step(p, hs)))
+        return out
+
+    def _dense_step(self) -> bool:
+        raise NotImplementedError
+
+    def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SimulatedGreedyLore(_Simulated):
+    """N simulated ranks of GreedyLore (same arguments as GreedyLoreState)."""
+
+    def __init__(self, world_size: int, params, rank: int = 32, update_interval: int = 200, start_step: int = 1000,
+                 min_compression_rate: float = 2.0, selection: str = "greedy", probes: str = "paper",
+                 sketch_size: int = 4, error_feedback: bool = True, seed: int = 0,
+                 dense_name_patterns=("embed", "lm_head")):
+        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback)
+        self.tau, self.start_step = update_interval, start_step
+        self.selection, self.probes, self.k = selection, probes, sketch_size
+        self.U: dict[int, torch.Tensor] = {
+            p: torch.eye(self._zeros(p).shape[0], dtype=torch.float64) for p in self.compressed_params()}
+
+    def _dense_step(self) -> bool:
+        return self.t <= self.start_step
+
+    def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
+        a, b = hs[0].shape
+        r = self.ranks[p]
+        N = self.N
+        if (self.t - self.start_step - 1) % self.tau == 0:  # refresh: the semi-lazy SVD
+            hbar = sum(hs) / N
+            self.U[p] = torch.linalg.svd(hbar, full_matrices=True).U
+            for i in range(N):
+                self.E[i][p].zero_()
+            self.bytes_sent += 4 * a * b
+            return hbar
+        U = self.U[p]
+        if self.selection == "greedy":
+            key = probe_key(self.seed, self.t, p, 0)
+            if self.probes == "paper":
+                V = probe_matrix(key, a, b).double()
+                lam = sum(((U.t() @ h) * V).sum(1) for h in hs) / N
+                energy = lam ** 2
+                self.bytes_sent += 4 * a
+            else:
+                S = probe_matrix(key, b, self.k).double()
+                lam = sum(U.t() @ (h @ S) for h in hs) / N
+                energy = (lam ** 2).mean(1)
+                self.bytes_sent += 4 * a * self.k
+            # the r largest energies, ties to the lower index
+            J = sorted(range(a), key=lambda j: (-float(energy[j]), j))[:r]
+            J = torch.tensor(J)
+        elif self.selection == "fixed":
+            J = torch.arange(r)
+            self.bytes_sent += 4
+        else:
+            J = random_columns(probe_key(self.seed, self.t, p, 1), a, r)
+            self.bytes_sent += 4
+        P = U[:, J]
+        Rs = [P.t() @ h for h in hs]
+        if self.error_feedback:
+            for i in range(N):
+                self.E[i][p] = hs[i] - P @ Rs[i]
+        self.bytes_sent += 4 * r * b
+        return P @ (sum(Rs) / N)
+
+
+class SimulatedRandomLinear(_Simulated):
+    """N simulated ranks of the randomized linear compressors (as RandomLinearState)."""
+
+    def __init__(self, world_size: int, params, kind: str = "haar", rank: int = 32, error_feedback: bool = False,
+                 seed: int = 0, start_step: int = 0, min_compression_rate: float = 2.0,
+                 dense_name_patterns=("embed", "lm_head")):
+        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback)
+        self.kind, self.start_step = kind, start_step
+
+    def _dense_step(self) -> bool:
+        return self.t <= self.start_step
+
+    def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
+        a, b = hs[0].shape
+        r = self.ranks[p]
+        N = self.N
+        unbiased = not self.error_feedback
+        key = probe_key(self.seed, self.t, p, 2)
+        self.bytes_sent += 4 * r * b
+        if self.kind == "randk":
+            idx = random_coordinates(key, a * b, r * b)
+            mask = torch.zeros(a * b, dtype=torch.float64)
+            mask[idx] = 1.0
+            mask = mask.view(a, b)
+            sent = [h * mask for h in hs]
+            scale = a / r if unbiased else 1.0
+        else:
+            Q = frame(self.kind, key, a, r, unbiased).float().double()  # the runtime's float32 frame
+            sent = [Q @ (Q.t() @ h) for h in hs]
+            scale = a / r if (unbiased and self.kind == "haar") else 1.0
+        if self.error_feedback:
+            for i in range(N):
+                self.E[i][p] = hs[i] - sent[i]
+        return scale * sum(sent) / N
