@@ -20,7 +20,8 @@ from . import _common as C
 def _decompress_kernel(P, Rb, out, a, b, r,
                        sPb, sPx, sPq, sRb, sRq, sRc, sOb, sOx, sOc,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_R: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+                       OUT_MODE: tl.constexpr):
     pid = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
     n_m = tl.cdiv(a, BLOCK_M)
@@ -39,8 +40,18 @@ def _decompress_kernel(P, Rb, out, a, b, r,
         rr = tl.load(Rb + i * sRb + rq[:, None] * sRq + rc[None, :] * sRc,
                      mask=mq[:, None] & mc[None, :], other=0.0)
         acc = tl.dot(p, rr, acc, input_precision=PREC)
-    tl.store(out + i * sOb + rm[:, None] * sOx + rc[None, :] * sOc,
-             acc.to(out.dtype.element_ty), mask=mm[:, None] & mc[None, :])
+    if OUT_MODE == 0:  # float32
+        val = acc
+    elif OUT_MODE == 1:  # bfloat16: round to nearest even by hand; the GPU's
+        # cvt.rn.bf16 gives the same bits, the interpreter's cast does not
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        val = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        val = tl.where(acc != acc, acc.to(tl.bfloat16), val)  # NaN stays NaN
+    else:  # float16: round to nearest even (numpy in the interpreter)
+        val = acc.to(tl.float16)
+    tl.store(out + i * sOb + rm[:, None] * sOx + rc[None, :] * sOc, val,
+             mask=mm[:, None] & mc[None, :])
 
 
 def decompress(P: torch.Tensor, Rbar: torch.Tensor, out: torch.Tensor, *,
@@ -70,4 +81,4 @@ def decompress(P: torch.Tensor, Rbar: torch.Tensor, out: torch.Tensor, *,
         _decompress_kernel[grid](
             P, Rbar, out, a, b, r, *P.stride(), *Rbar.stride(), *out.stride(),
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, PREC=C.precision(precision),
-            num_warps=num_warps)
+            OUT_MODE={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[out.dtype], num_warps=num_warps)
