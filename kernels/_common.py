@@ -6,6 +6,7 @@ tensors (the Triton interpreter), which is how the tests run them without a GPU.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -14,8 +15,9 @@ GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Precision of tl.dot on float32 operands. "ieee" keeps the float32 contract of
 # docs/OPS.md (all maths in float32); "tf32x3" is near-fp32 on tensor cores and
 # "tf32" is the fast GEMM setting (10-bit mantissa inputs). The interpreter
-# ignores it (numpy float32 matmul).
-DEFAULT_PRECISION = "ieee"
+# ignores it (numpy float32 matmul). Default "ieee"; the environment variable
+# LORECOMM_DOT_PRECISION overrides it process-wide (read at import).
+DEFAULT_PRECISION = os.environ.get("LORECOMM_DOT_PRECISION", "ieee")
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 # CUDA caps grid dims 1 and 2 at 65535: the batch goes on axis 1.
