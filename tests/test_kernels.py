@@ -177,6 +177,7 @@ CASES = [
     (2, 40, 21, 40),
     (16, 4, 9, 2),
     (2, 64, 65, 17),
+    (64, 3, 5, 2),
 ]
 LAYOUTS = ["contig", "transposed", "padded", "flat_t"]
 
