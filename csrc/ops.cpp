@@ -1,0 +1,326 @@
+// The torch.ops.lorecomm operators (docs/OPS.md): declarations and CPU kernels.
+//
+// Every op works on a batch of (a x b) matrices with arbitrary strides. Work
+// is split into (matrix, column block) tasks run with at::parallel_for; a
+// task loads its block of H = G + E once into an fp32 scratch buffer sized to
+// stay in L2, and does all its maths on that block while it is hot. Small
+// GEMMs go straight to the CPU BLAS through at::cpu::mm_out / addmm_ (no
+// dispatcher round trip). Fake (meta) kernels live in lorecomm/ops.py.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "philox.h"
+
+namespace lorecomm {
+namespace {
+
+using at::Tensor;
+
+// Columns per task: an (a x bc) fp32 block of ~256 KiB (L2-resident), at
+// least 16 columns so the GEMMs stay efficient, a multiple of 16.
+int64_t column_block(int64_t a, int64_t b) {
+  int64_t bc = (int64_t{1} << 16) / std::max<int64_t>(a, 1);
+  bc = std::clamp<int64_t>(bc, 16, 2048) / 16 * 16;
+  return std::max<int64_t>(1, std::min(bc, b));
+}
+
+int64_t cdiv(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+// A contiguous fp32 matrix view over scratch memory (no allocation).
+Tensor view2d(float* p, int64_t rows, int64_t cols) {
+  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// hb[j*n + c] = float(G[j, c0+c]) + E[j, c0+c] for j < a, c < n.
+template <typename T>
+void load_h(const T* g, int64_t gs0, int64_t gs1, const float* e, int64_t es0, int64_t es1,
+            int64_t a, int64_t c0, int64_t n, float* hb) {
+  g += c0 * gs1;
+  e += c0 * es1;
+  if (gs1 == 1 && es1 == 1) {
+    for (int64_t j = 0; j < a; ++j) {
+      const T* gr = g + j * gs0;
+      const float* er = e + j * es0;
+      float* h = hb + j * n;
+      for (int64_t c = 0; c < n; ++c) h[c] = static_cast<float>(gr[c]) + er[c];
+    }
+  } else if (gs1 == 1 || es1 == 1 || (gs0 != 1 && es0 != 1)) {
+    for (int64_t j = 0; j < a; ++j)
+      for (int64_t c = 0; c < n; ++c)
+        hb[j * n + c] = static_cast<float>(g[j * gs0 + c * gs1]) + e[j * es0 + c * es1];
+  } else {  // column-contiguous (transposed) views: walk down columns
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t j = 0; j < a; ++j)
+        hb[j * n + c] = static_cast<float>(g[j * gs0 + c * gs1]) + e[j * es0 + c * es1];
+  }
+}
+
+// dst[j, c0+c] = T(src[j*n + c]) for j < rows, c < n.
+template <typename T>
+void store_block(const float* src, int64_t rows, int64_t n, T* dst, int64_t ds0, int64_t ds1,
+                 int64_t c0) {
+  dst += c0 * ds1;
+  if (ds1 == 1) {
+    for (int64_t j = 0; j < rows; ++j) {
+      T* d = dst + j * ds0;
+      const float* s = src + j * n;
+      for (int64_t c = 0; c < n; ++c) d[c] = static_cast<T>(s[c]);
+    }
+  } else if (ds0 == 1) {
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t j = 0; j < rows; ++j) dst[j + c * ds1] = static_cast<T>(src[j * n + c]);
+  } else {
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t c = 0; c < n; ++c) dst[j * ds0 + c * ds1] = static_cast<T>(src[j * n + c]);
+  }
+}
+
+uint64_t key_at(const Tensor& keys, int64_t i) {
+  return static_cast<uint64_t>(keys.data_ptr<int64_t>()[i * keys.stride(0)]);
+}
+
+void check_batch3(const char* op, const char* name, const Tensor& t, int64_t B, int64_t rows,
+                  int64_t cols) {
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D (B, rows, cols), got ", t.sizes());
+  TORCH_CHECK(t.size(0) == B && t.size(1) == rows && t.size(2) == cols, op, ": ", name,
+              " must have shape (", B, ", ", rows, ", ", cols, "), got ", t.sizes());
+}
+
+void check_float(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+              t.scalar_type());
+}
+
+void check_grad(const char* op, const Tensor& G, const Tensor& E) {
+  TORCH_CHECK(G.dim() == 3, op, ": G must be 3-D (B, a, b), got ", G.sizes());
+  check_batch3(op, "E", E, G.size(0), G.size(1), G.size(2));
+  check_float(op, "E", E);
+  TORCH_CHECK(at::isFloatingType(G.scalar_type()), op, ": G must be floating, got ",
+              G.scalar_type());
+}
+
+void check_keys(const char* op, const Tensor& keys, int64_t B) {
+  TORCH_CHECK(keys.dim() == 1 && keys.size(0) == B, op, ": keys must have shape (", B,
+              ",), got ", keys.sizes());
+  TORCH_CHECK(keys.scalar_type() == at::kLong, op, ": keys must be int64, got ",
+              keys.scalar_type());
+}
+
+// ---------------------------------------------------------------------------
+Tensor probe_normal_cpu(const Tensor& keys, int64_t rows, int64_t cols) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "probe_normal: rows and cols must be >= 0");
+  TORCH_CHECK(keys.dim() == 1 && keys.scalar_type() == at::kLong,
+              "probe_normal: keys must be a 1-D int64 tensor");
+  const int64_t B = keys.size(0);
+  Tensor out = at::empty({B, rows, cols}, keys.options().dtype(at::kFloat));
+  const int64_t n = rows * cols;
+  if (B == 0 || n == 0) return out;
+  constexpr int64_t kChunk = 4096;
+  const int64_t nchunk = cdiv(n, kChunk);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / nchunk, off = (t % nchunk) * kChunk;
+      randn_fill(key_at(keys, i), static_cast<uint64_t>(off), std::min(kChunk, n - off),
+                 o + i * n + off);
+    }
+  });
+  return out;
+}
+
+// lam[i, j] = sum_c (U_i^T H_i)[j, c] * randn(key_i, j*b + c)
+Tensor score_paper_cpu(const Tensor& G, const Tensor& E, const Tensor& U, const Tensor& keys) {
+  const char* op = "score_paper";
+  check_grad(op, G, E);
+  const int64_t B = G.size(0), a = G.size(1), b = G.size(2);
+  check_batch3(op, "U", U, B, a, a);
+  check_float(op, "U", U);
+  check_keys(op, keys, B);
+  Tensor lam = at::empty({B, a}, G.options().dtype(at::kFloat));
+  if (B == 0 || a == 0) return lam;
+  if (b == 0) return lam.zero_();
+  const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
+  const Tensor Uc = U.contiguous();
+  std::vector<float> partial(static_cast<size_t>(B * nblk * a));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "lorecomm::score_paper", [&] {
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    const float* e = E.const_data_ptr<float>();
+    at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> hb(a * bc), zb(a * bc), pr(bc);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nblk, blk = t % nblk, c0 = blk * bc, n = std::min(bc, b - c0);
+        load_h(g + i * G.stride(0), G.stride(1), G.stride(2), e + i * E.stride(0), E.stride(1),
+               E.stride(2), a, c0, n, hb.data());
+        Tensor Z = view2d(zb.data(), a, n);
+        at::cpu::mm_out(Z, Uc[i].t(), view2d(hb.data(), a, n));  // Z = U^T H_block
+        const uint64_t key = key_at(keys, i);
+        float* dst = partial.data() + t * a;
+        for (int64_t j = 0; j < a; ++j) {
+          randn_fill(key, static_cast<uint64_t>(j * b + c0), n, pr.data());
+          const float* z = zb.data() + j * n;
+          float s = 0.f;
+          for (int64_t c = 0; c < n; ++c) s += z[c] * pr[c];
+          dst[j] = s;
+        }
+      }
+    });
+  });
+  float* l = lam.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < a; ++j) {
+      float s = 0.f;
+      for (int64_t blk = 0; blk < nblk; ++blk) s += partial[(i * nblk + blk) * a + j];
+      l[i * a + j] = s;
+    }
+  return lam;
+}
+
+// lam[i] = U_i^T (H_i S_i), S_i[c, q] = randn(key_i, c*k + q)
+Tensor score_sketch_cpu(const Tensor& G, const Tensor& E, const Tensor& U, const Tensor& keys,
+                        int64_t k) {
+  const char* op = "score_sketch";
+  check_grad(op, G, E);
+  TORCH_CHECK(k >= 0, op, ": k must be >= 0");
+  const int64_t B = G.size(0), a = G.size(1), b = G.size(2);
+  check_batch3(op, "U", U, B, a, a);
+  check_float(op, "U", U);
+  check_keys(op, keys, B);
+  Tensor lam = at::empty({B, a, k}, G.options().dtype(at::kFloat));
+  if (B == 0 || a == 0 || k == 0) return lam;
+  if (b == 0) return lam.zero_();
+  const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
+  const Tensor Uc = U.contiguous();
+  std::vector<float> partial(static_cast<size_t>(B * nblk * a * k));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "lorecomm::score_sketch", [&] {
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    const float* e = E.const_data_ptr<float>();
+    at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> hb(a * bc), sb(bc * k);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nblk, blk = t % nblk, c0 = blk * bc, n = std::min(bc, b - c0);
+        load_h(g + i * G.stride(0), G.stride(1), G.stride(2), e + i * E.stride(0), E.stride(1),
+               E.stride(2), a, c0, n, hb.data());
+        randn_fill(key_at(keys, i), static_cast<uint64_t>(c0 * k), n * k, sb.data());
+        Tensor Y = view2d(partial.data() + t * a * k, a, k);
+        at::cpu::mm_out(Y, view2d(hb.data(), a, n), view2d(sb.data(), n, k));  // H_block S_block
+      }
+    });
+  });
+  float* l = lam.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(a * k);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(y.begin(), y.end(), 0.f);
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const float* p = partial.data() + (i * nblk + blk) * a * k;
+        for (int64_t x = 0; x < a * k; ++x) y[x] += p[x];
+      }
+      Tensor L = view2d(l + i * a * k, a, k);
+      at::cpu::mm_out(L, Uc[i].t(), view2d(y.data(), a, k));
+    }
+  });
+  return lam;
+}
+
+// R_i = P_i^T H_i; if ok: E_i = H_i - P_i R_i. One pass over G and E.
+void project_residual_cpu(const Tensor& G, const Tensor& E, const Tensor& P, const Tensor& R,
+                          const Tensor& ok) {
+  const char* op = "project_residual";
+  check_grad(op, G, E);
+  const int64_t B = G.size(0), a = G.size(1), b = G.size(2);
+  TORCH_CHECK(P.dim() == 3, op, ": P must be 3-D (B, a, r), got ", P.sizes());
+  const int64_t r = P.size(2);
+  check_batch3(op, "P", P, B, a, r);
+  check_batch3(op, "R", R, B, r, b);
+  check_float(op, "P", P);
+  check_float(op, "R", R);
+  TORCH_CHECK(ok.numel() == 1 && ok.scalar_type() == at::kBool, op,
+              ": ok must be a 0-dim bool tensor");
+  const bool update = ok.item<bool>();
+  if (B == 0 || b == 0) return;
+  if (a == 0) {
+    R.zero_();
+    return;
+  }
+  const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
+  const Tensor Pc = P.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "lorecomm::project_residual", [&] {
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    float* e = E.data_ptr<float>();
+    at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> hb(a * bc);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nblk, blk = t % nblk, c0 = blk * bc, n = std::min(bc, b - c0);
+        float* ei = e + i * E.stride(0);
+        load_h(g + i * G.stride(0), G.stride(1), G.stride(2), ei, E.stride(1), E.stride(2), a,
+               c0, n, hb.data());
+        Tensor H = view2d(hb.data(), a, n);
+        Tensor Pi = Pc[i];
+        Tensor Rb = R[i].narrow(1, c0, n);
+        at::cpu::mm_out(Rb, Pi.t(), H);  // R_block = P^T H_block, written in place
+        if (update) {
+          at::cpu::addmm_(H, Pi, Rb, 1, -1);  // H_block - P R_block, still in cache
+          store_block(hb.data(), a, n, ei, E.stride(1), E.stride(2), c0);
+        }
+      }
+    });
+  });
+}
+
+// out_i = P_i @ Rbar_i, rounded to out.dtype.
+void decompress_cpu(const Tensor& P, const Tensor& Rbar, const Tensor& out) {
+  const char* op = "decompress";
+  TORCH_CHECK(P.dim() == 3 && Rbar.dim() == 3 && out.dim() == 3, op,
+              ": P, Rbar, out must be 3-D");
+  const int64_t B = P.size(0), a = P.size(1), r = P.size(2), b = Rbar.size(2);
+  check_batch3(op, "Rbar", Rbar, B, r, b);
+  check_batch3(op, "out", out, B, a, b);
+  check_float(op, "P", P);
+  check_float(op, "Rbar", Rbar);
+  if (B == 0 || a == 0 || b == 0) return;
+  const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
+  const Tensor Pc = P.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
+                                  "lorecomm::decompress", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> ob(a * bc);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nblk, blk = t % nblk, c0 = blk * bc, n = std::min(bc, b - c0);
+        Tensor Ob = view2d(ob.data(), a, n);
+        at::cpu::mm_out(Ob, Pc[i], Rbar[i].narrow(1, c0, n));
+        store_block(ob.data(), a, n, o + i * out.stride(0), out.stride(1), out.stride(2), c0);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace lorecomm
+
+TORCH_LIBRARY(lorecomm, m) {
+  m.set_python_module("lorecomm.ops");  // fake (meta) kernels are registered there
+  m.def("probe_normal(Tensor keys, int rows, int cols) -> Tensor");
+  m.def("score_paper(Tensor G, Tensor E, Tensor U, Tensor keys) -> Tensor");
+  m.def("score_sketch(Tensor G, Tensor E, Tensor U, Tensor keys, int k) -> Tensor");
+  m.def("project_residual(Tensor G, Tensor(a!) E, Tensor P, Tensor(b!) R, Tensor ok) -> ()");
+  m.def("decompress(Tensor P, Tensor Rbar, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lorecomm, CPU, m) {
+  m.impl("probe_normal", &lorecomm::probe_normal_cpu);
+  m.impl("score_paper", &lorecomm::score_paper_cpu);
+  m.impl("score_sketch", &lorecomm::score_sketch_cpu);
+  m.impl("project_residual", &lorecomm::project_residual_cpu);
+  m.impl("decompress", &lorecomm::decompress_cpu);
+}
