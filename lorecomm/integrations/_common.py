@@ -1,0 +1,50 @@
+"""Helpers shared by the integrations (not a public API)."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def make_state(state, config: dict, process_group, default_dense_patterns: Sequence[str] | None = None):
+    """``state`` as given, or a GreedyLoreState built from ``config`` on ``process_group``."""
+    from lorecomm import GreedyLoreState
+
+    if state is not None:
+        if config:
+            raise ValueError(f"pass either a state or config keywords, not both (got {sorted(config)})")
+        return state
+    config = dict(config)
+    config.setdefault("process_group", process_group)
+    if default_dense_patterns is not None:
+        config.setdefault("dense_name_patterns", tuple(default_dense_patterns))
+    return GreedyLoreState(**config)
+
+
+def check_group(state, group, where: str) -> None:
+    """The state must reduce over the same ranks as the stack's data-parallel group."""
+    sgroup = state.process_group if state.process_group is not None else dist.group.WORLD
+    if group is None:
+        group = dist.group.WORLD
+    if sgroup is group:
+        return
+    same = dist.get_world_size(sgroup) == dist.get_world_size(group) and (
+        dist.get_process_group_ranks(sgroup) == dist.get_process_group_ranks(group))
+    if not same:
+        raise ValueError(
+            f"the lorecomm state's process group (ranks {dist.get_process_group_ranks(sgroup)}) is not "
+            f"{where}'s data-parallel group (ranks {dist.get_process_group_ranks(group)}); build the state "
+            f"with process_group=<that group> or let the integration build it")
+
+
+def offsets_in(buffer: torch.Tensor, grads: Iterable[torch.Tensor]) -> list[int]:
+    """Element offsets of gradient views inside a flat buffer (checked)."""
+    base, esize, n = buffer.data_ptr(), buffer.element_size(), buffer.numel()
+    out = []
+    for g in grads:
+        delta = g.data_ptr() - base
+        if g.dtype != buffer.dtype or delta % esize or not 0 <= delta // esize <= n - g.numel():
+            raise RuntimeError("a gradient is not a view of the bucket buffer it belongs to")
+        out.append(delta // esize)
+    return out
