@@ -356,3 +356,40 @@ def test_bench_quick_runs_on_cpu():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "project_residual" in res.stdout and "decompress" in res.stdout
     assert "no speed claim" in res.stdout.lower()
+
+
+# ---------------------------------------------------------------- CPU C++ ops agreement
+@pytest.mark.parametrize("case", [(1, 1, 1, 1), (2, 17, 33, 4), (3, 5, 5, 5), (2, 40, 21, 40)])
+def test_triton_matches_cpu_ops(case):
+    """The Triton kernels (interpreter) and the C++ CPU ops give the same numbers, probes included."""
+    import lorecomm._C  # noqa: F401  -- must build: fails loudly if the C++ library is missing
+    ops = torch.ops.lorecomm
+    B, a, b, r = case
+    gen, G, E = _case_inputs(a + 5 * b, B, a, b, torch.bfloat16, "transposed")
+    U, keys = _orth(gen, B, a), _keys(gen, B)
+    p_t, p_c = K.probe_normal(keys, a, b), ops.probe_normal(keys, a, b)
+    # same Philox bits; log/cos/sqrt rounding of two libms: a few ulp (measured <= 4)
+    torch.testing.assert_close(p_t, p_c, rtol=1e-6, atol=1e-6)
+    _close(K.score_paper(G, E, U, keys), ops.score_paper(G, E, U, keys).double(), 1e-5, "paper")
+    _close(K.score_sketch(G, E, U, keys, 3), ops.score_sketch(G, E, U, keys, 3).double(), 1e-5, "sketch")
+    P = U[:, :, :r].contiguous()
+    for ok in (True, False):
+        E_t, E_c = E.clone(), E.clone()
+        R_t, R_c = torch.empty(B, r, b), torch.empty(B, r, b)
+        K.project_residual(G, E_t, P, R_t, torch.tensor(ok))
+        ops.project_residual(G, E_c, P, R_c, torch.tensor(ok))
+        _close(R_t, R_c.double(), 1e-5, "R")
+        _close(E_t, E_c.double(), 1e-5, "E")
+        if not ok:
+            assert torch.equal(E_t, E) and torch.equal(E_c, E)
+    Rbar = _rand(gen, (B, r, b), "flat_t")
+    for dtype in DTYPES:
+        o_t = _like_layout(torch.zeros(B, a, b, dtype=dtype), "transposed", B, a, b, dtype)
+        o_c = o_t.clone()
+        K.decompress(P, Rbar, o_t)
+        ops.decompress(P, Rbar, o_c)
+        if dtype == torch.float32:
+            _close(o_t, o_c.double(), 1e-5, "decompress")
+        else:
+            ulps = (o_t.contiguous().view(torch.int16).int() - o_c.contiguous().view(torch.int16).int()).abs()
+            assert ulps.max().item() <= 1, f"decompress {dtype}: {ulps.max().item()} ulp"
