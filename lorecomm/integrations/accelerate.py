@@ -21,10 +21,13 @@ therefore registers on the DDP model that ``accelerator.prepare`` returns
 Gradient accumulation (``accelerator.accumulate``) uses DDP's ``no_sync``:
 the hook runs once per optimizer step, on the accumulated gradient.
 With a single process (no DDP) :func:`register` returns ``None``: there is
-nothing to communicate.
+nothing to communicate (it warns when WORLD_SIZE says otherwise: on a
+CPU-only machine Accelerate sets up Gloo training only with
+``Accelerator(cpu=True)`` or ``accelerate launch --cpu``).
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 __all__ = ["register"]
@@ -48,6 +51,11 @@ def register(accelerator, model, state=None, **config):
         ddp = ddp._orig_mod
     if not isinstance(ddp, DDP):
         if accelerator.num_processes == 1:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                warnings.warn(
+                    f"WORLD_SIZE={os.environ['WORLD_SIZE']} but Accelerate runs a single process, so every process "
+                    "trains alone and lorecomm has nothing to register; on CPU use Accelerator(cpu=True) or "
+                    "`accelerate launch --cpu`", stacklevel=2)
             return None
         raise TypeError(
             f"expected the model returned by accelerator.prepare (a DistributedDataParallel), got "
