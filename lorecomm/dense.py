@@ -1,5 +1,4 @@
 """Dense all-reduce through the same runtime and byte accounting (the baseline)."""
-from __future__ import annotations
 
 import torch
 
@@ -30,7 +29,7 @@ class DenseState(CommState):
         return sent
 
 
-def dense_hook(state: DenseState, bucket) -> torch.futures.Future:
+def dense_hook(state: DenseState, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: ``ddp_model.register_comm_hook(state, dense_hook)``."""
     if not isinstance(state, DenseState):
         raise TypeError(f"dense_hook needs a lorecomm.DenseState, got {type(state).__name__}")

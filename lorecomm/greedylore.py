@@ -4,7 +4,6 @@ The maths follows ``ALGORITHM.md`` (shared/docs) step for step; the heavy
 per-matrix work goes through ``lorecomm.ops`` (the ``torch.ops.lorecomm``
 library: score, project+residual, decompress), Python only plans and orders.
 """
-from __future__ import annotations
 
 import torch
 import torch.distributed as dist
@@ -243,7 +242,7 @@ def bitwise_checksum(U: torch.Tensor) -> torch.Tensor:
     return (bits * weights).sum(-1)
 
 
-def greedylore_hook(state: GreedyLoreState, bucket) -> torch.futures.Future:
+def greedylore_hook(state: GreedyLoreState, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: ``ddp_model.register_comm_hook(state, greedylore_hook)``."""
     if not isinstance(state, GreedyLoreState):
         raise TypeError(f"greedylore_hook needs a lorecomm.GreedyLoreState, got {type(state).__name__}")

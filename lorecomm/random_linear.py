@@ -8,7 +8,6 @@ the whole matrix. Without error feedback the compressor is unbiased
 (E[Q^T Q] = I: haar and rand-k scaled by a/r, Gaussian entries of variance
 1/r); with error feedback it is left unscaled (E[Q^T Q] = (r/a) I).
 """
-from __future__ import annotations
 
 import torch
 
@@ -127,7 +126,7 @@ class RandomLinearState(CommState):
         return sent
 
 
-def random_linear_hook(state: RandomLinearState, bucket) -> torch.futures.Future:
+def random_linear_hook(state: RandomLinearState, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: ``ddp_model.register_comm_hook(state, random_linear_hook)``."""
     if not isinstance(state, RandomLinearState):
         raise TypeError(f"random_linear_hook needs a lorecomm.RandomLinearState, got {type(state).__name__}")

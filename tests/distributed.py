@@ -1,6 +1,7 @@
 """Run a function on N real Gloo ranks (processes on 127.0.0.1) and collect results."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import tempfile
@@ -17,12 +18,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, fn, world_size: int, port: int, outdir: str, args: tuple) -> None:
+def _worker(rank: int, fn, world_size: int, store: str, outdir: str, args: tuple) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=__import__("datetime").timedelta(seconds=60))
     try:
+        # a file rendezvous: no TCP port to race for with other test processes
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=90))
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(outdir, f"{rank}.pt"))
     except BaseException:
@@ -30,15 +33,17 @@ def _worker(rank: int, fn, world_size: int, port: int, outdir: str, args: tuple)
             f.write(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size: int = 2, *args):
     """fn(rank, world_size, *args) on each rank; returns the list of results by rank."""
     with tempfile.TemporaryDirectory() as outdir:
         try:
-            mp.spawn(_worker, args=(fn, world_size, free_port(), outdir, args), nprocs=world_size, join=True)
+            store = os.path.join(outdir, "rendezvous")
+            mp.spawn(_worker, args=(fn, world_size, store, outdir, args), nprocs=world_size, join=True)
         except Exception as e:
             errs = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.endswith(".err")]
-            raise AssertionError("a rank failed:\n" + "\n".join(errs)) from e
+            raise AssertionError(f"a rank failed ({e}):\n" + "\n".join(errs)) from e
         return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False) for r in range(world_size)]
