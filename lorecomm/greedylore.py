@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .plan import Batch, BucketPlan
+from .plan import Batch, BucketPlan, compressed_rank
 from .probes import probe_key
 from .sketches import random_columns
 from .state import CommState, check_choice, check_int, check_positive
@@ -71,10 +71,7 @@ class GreedyLoreState(CommState):
 
     # ------------------------------------------------------------- planning
     def _rank_for(self, m: int, n: int, name: str) -> int | None:
-        if self._is_dense_name(name):
-            return None
-        r = min(self.rank, m, n)
-        return r if max(m, n) * r * self.min_compression_rate < m * n else None
+        return None if self._is_dense_name(name) else compressed_rank(m, n, self.rank, self.min_compression_rate)
 
     def _batch_tensor_specs(self, batch: Batch) -> dict[str, torch.Tensor]:
         B, a, b = batch.size, batch.a, batch.b

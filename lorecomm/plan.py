@@ -128,6 +128,15 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
     return m, n
 
 
+def compressed_rank(m: int, n: int, rank: int, min_compression_rate: float) -> int | None:
+    """The rank an m x n matrix is compressed with, or None where it does not pay.
+
+    r is capped at min(m, n); compress only if max(m, n) * r * rate < m * n.
+    """
+    r = min(rank, m, n)
+    return r if max(m, n) * r * min_compression_rate < m * n else None
+
+
 def name_is_dense(name: str, patterns: Sequence[str]) -> bool:
     """A parameter is kept dense when a pattern is a substring or glob of its name."""
     return any(p in name or fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -12,7 +12,7 @@ the whole matrix. Without error feedback the compressor is unbiased
 import torch
 
 from . import ops
-from .plan import Batch, BucketPlan
+from .plan import Batch, BucketPlan, compressed_rank
 from .probes import probe_key
 from .sketches import gaussian_frame, haar_frame, random_coordinates
 from .state import CommState, check_choice, check_int, check_positive
@@ -68,10 +68,7 @@ class RandomLinearState(CommState):
                 "min_compression_rate": self.min_compression_rate}
 
     def _rank_for(self, m: int, n: int, name: str) -> int | None:
-        if self._is_dense_name(name):
-            return None
-        r = min(self.rank, m, n)
-        return r if max(m, n) * r * self.min_compression_rate < m * n else None
+        return None if self._is_dense_name(name) else compressed_rank(m, n, self.rank, self.min_compression_rate)
 
     def _batch_tensor_specs(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {"E": torch.zeros(batch.size, batch.a, batch.b)} if self.error_feedback else {}

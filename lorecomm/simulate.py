@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .plan import matrix_shape, name_is_dense
+from .plan import compressed_rank, matrix_shape, name_is_dense
 from .probes import probe_key, probe_matrix
 from .random_linear import frame
 from .sketches import random_columns, random_coordinates
@@ -23,22 +23,20 @@ from .sketches import random_columns, random_coordinates
 
 class _Simulated:
     def __init__(self, world_size: int, params: Sequence[tuple[str, Sequence[int]]], rank: int,
-                 min_compression_rate: float, dense_name_patterns: Sequence[str], seed: int, error_feedback: bool):
+                 min_compression_rate: float, dense_name_patterns: Sequence[str], seed: int, error_feedback: bool,
+                 start_step: int):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.N = world_size
         self.params = [(name, tuple(shape)) for name, shape in params]
-        self.rank, self.seed, self.error_feedback = rank, seed, error_feedback
+        self.rank, self.seed, self.error_feedback, self.start_step = rank, seed, error_feedback, start_step
         self.t = 0
         self.ranks: list[int | None] = []  # per parameter: r, or None for dense
         for name, shape in self.params:
             mn = matrix_shape(shape)
             r = None
             if mn is not None and not name_is_dense(name, dense_name_patterns):
-                m, n = mn
-                rr = min(rank, m, n)
-                if max(m, n) * rr * min_compression_rate < m * n:
-                    r = rr
+                r = compressed_rank(mn[0], mn[1], rank, min_compression_rate)
             self.ranks.append(r)
         self.E = [[self._zeros(p) for p in range(len(self.params))] for _ in range(self.N)]
         self.bytes_sent = 0  # per rank, as the runtime counts them (scores, factors, dense)
@@ -77,7 +75,7 @@ class _Simulated:
         return out
 
     def _dense_step(self) -> bool:
-        raise NotImplementedError
+        return self.t <= self.start_step
 
     def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -90,14 +88,12 @@ class SimulatedGreedyLore(_Simulated):
                  min_compression_rate: float = 2.0, selection: str = "greedy", probes: str = "paper",
                  sketch_size: int = 4, error_feedback: bool = True, seed: int = 0,
                  dense_name_patterns=("embed", "lm_head")):
-        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback)
-        self.tau, self.start_step = update_interval, start_step
+        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
+                         start_step)
+        self.tau = update_interval
         self.selection, self.probes, self.k = selection, probes, sketch_size
         self.U: dict[int, torch.Tensor] = {
             p: torch.eye(self._zeros(p).shape[0], dtype=torch.float64) for p in self.compressed_params()}
-
-    def _dense_step(self) -> bool:
-        return self.t <= self.start_step
 
     def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
         a, b = hs[0].shape
@@ -147,11 +143,9 @@ class SimulatedRandomLinear(_Simulated):
     def __init__(self, world_size: int, params, kind: str = "haar", rank: int = 32, error_feedback: bool = False,
                  seed: int = 0, start_step: int = 0, min_compression_rate: float = 2.0,
                  dense_name_patterns=("embed", "lm_head")):
-        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback)
-        self.kind, self.start_step = kind, start_step
-
-    def _dense_step(self) -> bool:
-        return self.t <= self.start_step
+        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
+                         start_step)
+        self.kind = kind
 
     def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
         a, b = hs[0].shape
