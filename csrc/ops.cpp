@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "philox.h"
@@ -28,9 +29,20 @@ using at::Tensor;
 
 // Columns per task: an (a x bc) fp32 block of ~256 KiB (L2-resident), at
 // least 16 columns so the GEMMs stay efficient, a multiple of 16.
+// LORECOMM_BLOCK_FLOATS (environment, read once) overrides the block size in
+// floats, for tuning.
+int64_t block_floats() {
+  static const int64_t v = [] {
+    const char* s = std::getenv("LORECOMM_BLOCK_FLOATS");
+    const long long x = s ? std::atoll(s) : 0;
+    return x > 0 ? static_cast<int64_t>(x) : int64_t{1} << 16;
+  }();
+  return v;
+}
+
 int64_t column_block(int64_t a, int64_t b) {
-  int64_t bc = (int64_t{1} << 16) / std::max<int64_t>(a, 1);
-  bc = std::clamp<int64_t>(bc, 16, 2048) / 16 * 16;
+  int64_t bc = block_floats() / std::max<int64_t>(a, 1);
+  bc = std::clamp<int64_t>(bc, 16, 4096) / 16 * 16;
   return std::max<int64_t>(1, std::min(bc, b));
 }
 
