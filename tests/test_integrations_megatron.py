@@ -11,6 +11,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron.core") is Non
                                 reason="megatron-core is not installed (pip install lorecomm[integrations])")
 
 STEPS = 5
+# overlap_grad_reduce off (one bucket); on (two buckets, 2 micro-batches with no_sync); distributed optimizer
+# (reduce-scatter path, overlap on, two buckets, sharded SGD step + param all-gather)
+MODES = ("sync", "overlap", "distopt")
 # r = a: every matrix below is 16x8 or 8x16, a = 8
 EXACT = dict(rank=8, start_step=1, update_interval=3, min_compression_rate=0.5)
 LOW = dict(rank=2, start_step=1, update_interval=3, min_compression_rate=0.5)
@@ -21,7 +24,7 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
 
 
-def _train(rank, overlap, lore, microbatches=1):
+def _train(rank, overlap, lore, microbatches=1, distopt=False):
     """STEPS optimizer steps; returns (flat params, state stats, compressor calls per step)."""
     import torch.distributed as dist
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -32,7 +35,8 @@ def _train(rank, overlap, lore, microbatches=1):
 
     tcfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
     # bucket_size=40 elements: two buckets (second layer, first layer) when overlapping
-    dcfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, bucket_size=40 if overlap else None)
+    dcfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, bucket_size=40 if overlap else None,
+                                         use_distributed_optimizer=distopt)
     model = _model()
     ddp = DistributedDataParallel(tcfg, dcfg, model)
     calls = []
@@ -53,9 +57,19 @@ def _train(rank, overlap, lore, microbatches=1):
                 loss = ((ddp(x) - y) ** 2).mean()
                 loss.backward()
         ddp.finish_grad_sync()
-        for p in model.parameters():
-            p.grad = p.main_grad.clone()
-        opt.step()
+        if distopt:
+            # what megatron's distributed optimizer does, with plain SGD: update this rank's shard of each
+            # bucket from its shard of the reduced gradient, then all-gather the parameters
+            with torch.no_grad():
+                for bg in ddp.bucket_groups:
+                    for b in bg.buckets:
+                        n = b.grad_data.numel() // dist.get_world_size()
+                        b.param_data[rank * n:(rank + 1) * n] -= 0.1 * b.grad_data[rank * n:(rank + 1) * n]
+            ddp.start_param_sync(force_sync=True)
+        else:
+            for p in model.parameters():
+                p.grad = p.main_grad.clone()
+            opt.step()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
@@ -74,12 +88,13 @@ def _worker(rank, world_size):
     _launch.init_gloo()
     parallel_state.initialize_model_parallel(1, 1)
     out = {}
-    for overlap in (False, True):
+    for mode in MODES:
+        overlap, distopt = mode in ("overlap", "distopt"), mode == "distopt"
         mbs = 2 if overlap else 1
-        dense, _, _, _ = _train(rank, overlap, None, mbs)
-        exact, st_exact, calls_exact, nb = _train(rank, overlap, EXACT, mbs)
-        low, st_low, calls_low, _ = _train(rank, overlap, LOW, mbs)
-        out[overlap] = dict(dense=dense, exact=exact, low=low, st_exact=st_exact, st_low=st_low,
+        dense, _, _, _ = _train(rank, overlap, None, mbs, distopt)
+        exact, st_exact, calls_exact, nb = _train(rank, overlap, EXACT, mbs, distopt)
+        low, st_low, calls_low, _ = _train(rank, overlap, LOW, mbs, distopt)
+        out[mode] = dict(dense=dense, exact=exact, low=low, st_exact=st_exact, st_low=st_low,
                             calls_exact=calls_exact, calls_low=calls_low, buckets=nb)
     out["refused"] = _refusal()
     parallel_state.destroy_model_parallel()
@@ -87,12 +102,13 @@ def _worker(rank, world_size):
 
 
 def test_megatron_ddp_greedylore_two_ranks():
+    """overlap off/on and the distributed optimizer, each: dense vs r = a vs r < a."""
     from lorecomm.integrations._launch import run_ranks
 
     results = run_ranks(_worker, 2)
-    for overlap in (False, True):
-        r = results[0][overlap]
-        assert r["buckets"] == (2 if overlap else 1)
+    for mode in MODES:
+        r = results[0][mode]
+        assert r["buckets"] == (1 if mode == "sync" else 2)
         # the compressor ran for every bucket of every step
         assert r["calls_exact"] == [r["buckets"]] * STEPS, r["calls_exact"]
         assert r["calls_low"] == [r["buckets"]] * STEPS, r["calls_low"]
@@ -106,22 +122,23 @@ def test_megatron_ddp_greedylore_two_ranks():
         assert r["st_low"]["bytes_by_phase"]["compressed"] < r["st_exact"]["bytes_by_phase"]["compressed"]
         # both ranks hold identical parameters (also asserted bitwise inside each rank)
         for key in ("dense", "exact", "low"):
-            assert torch.equal(results[0][overlap][key], results[1][overlap][key])
-    # the distributed optimizer (reduce-scatter path) is refused with the reason
+            assert torch.equal(results[0][mode][key], results[1][mode][key])
     msg = results[0]["refused"]
-    assert msg is not None and "use_distributed_optimizer" in msg and "reduce-scatter" in msg
+    assert msg is not None and "already registered" in msg
 
 
 def _refusal():
+    """Registering the same model twice is refused (one state per model)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer import TransformerConfig
 
     from lorecomm.integrations import megatron as lore_megatron
 
     tcfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
-    ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(use_distributed_optimizer=True), _model())
+    ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(), _model())
+    lore_megatron.register(ddp, rank=4)
     try:
         lore_megatron.register(ddp, rank=4)
-    except NotImplementedError as e:
+    except RuntimeError as e:
         return str(e)
     return None

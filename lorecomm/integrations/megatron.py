@@ -29,10 +29,17 @@ unscaled local gradients (so its error-feedback buffers hold gradients, not
 scaled gradients) and then multiplies by f*N (sum) or f (average): the same
 result as megatron's own collective.
 
-Not supported (refused at ``register`` with the reason): the distributed
-optimizer (``use_distributed_optimizer=True``, reduce-scatter path),
+Distributed optimizer (``use_distributed_optimizer=True``): megatron would
+reduce-scatter each bucket; every rank still holds its whole local bucket
+in ``grad_data`` before that, so lorecomm all-reduces the low-rank factors
+and reconstructs the whole averaged bucket; the distributed optimizer then
+reads this rank's shard, which holds what the reduce-scatter would have
+written (the factors are all-reduced, each rank decompresses; dense and
+refresh steps cost an all-reduce instead of a reduce-scatter).
+
+Not supported (refused at ``register`` with the reason):
 ``num_distributed_optimizer_instances > 1`` and expert-parallel (MoE) bucket
-groups, which reduce over a different process group than the dense ones.
+groups, which reduce over other process groups than the dense ones.
 
 CPU-only machines: megatron-core allocates its grad buffers on
 ``torch.cuda.current_device()``; call :func:`cpu_shim` before building the
@@ -121,7 +128,13 @@ def _start_grad_sync(self, force_all_reduce: bool = False):
     if cfg.check_for_nan_in_grad or cfg.check_for_large_grads:
         self.check_grads(check_for_nan_or_inf=cfg.check_for_nan_in_grad,
                          check_for_large=cfg.check_for_large_grads)
-    group_size = dist.get_world_size(self.data_parallel_group)
+    if cfg.use_distributed_optimizer:
+        # every rank holds the whole local bucket in grad_data; lorecomm all-reduces the low-rank factors and
+        # reconstructs the whole averaged bucket, of which the distributed optimizer reads this rank's shard
+        # (what megatron's reduce-scatter would have written there)
+        group_size = self.intra_distributed_optimizer_instance_size
+    else:
+        group_size = dist.get_world_size(self.data_parallel_group)
     state = ctl.state
     pending = []
     for bucket in self.buckets:
@@ -159,16 +172,10 @@ def register(ddp_model, state=None, **config):
         raise TypeError(f"expected megatron.core.distributed.DistributedDataParallel, got {type(ddp_model).__name__}"
                         " (for torch DDP use lorecomm.register)")
     cfg = ddp_model.ddp_config
-    if cfg.use_distributed_optimizer:
-        raise NotImplementedError(
-            "lorecomm.integrations.megatron does not support use_distributed_optimizer=True: megatron "
-            "reduce-scatters each bucket so every rank receives only its shard of the summed gradient, "
-            "while GreedyLore must see each rank's whole local gradient matrix to project it and keep its "
-            "error-feedback buffer. Use DistributedDataParallelConfig(use_distributed_optimizer=False) "
-            "(the all-reduce path).")
     if cfg.num_distributed_optimizer_instances != 1:
-        raise NotImplementedError("num_distributed_optimizer_instances > 1 is a distributed-optimizer mode; "
-                                  "not supported by lorecomm.integrations.megatron")
+        raise NotImplementedError("num_distributed_optimizer_instances > 1 (partial distributed optimizer: a "
+                                  "second all-reduce across optimizer instances) is not supported by "
+                                  "lorecomm.integrations.megatron")
     if ddp_model.expert_parallel_bucket_groups:
         raise NotImplementedError(
             "expert-parallel (MoE) parameters reduce over the expert data-parallel group, a different process "
@@ -179,7 +186,8 @@ def register(ddp_model, state=None, **config):
         raise RuntimeError("this megatron DDP model is already registered with lorecomm")
     if not groups:
         raise ValueError("the megatron DDP model has no bucket groups (no parameter requires grad)")
-    dp_group = groups[0].data_parallel_group
+    dp_group = (groups[0].intra_distributed_optimizer_instance_group if cfg.use_distributed_optimizer
+                else groups[0].data_parallel_group)
     state = make_state(state, config, dp_group, MEGATRON_DENSE_PATTERNS)
     check_group(state, dp_group, "megatron DDP")
     state.bind(ddp_model.module)
