@@ -36,6 +36,30 @@ def make_model(width: int, layers: int) -> nn.Module:
     return nn.Sequential(*[nn.Linear(width, width, bias=True) for _ in range(layers)])
 
 
+def engine_available() -> str | None:
+    """None if lorecomm's C++ engine can run here, else the reason."""
+    try:
+        import lorecomm.engine as le
+
+        return le.unavailable_reason()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+
+
+def filter_methods(methods: list[str]) -> tuple[list[str], list[str]]:
+    """(runnable, skipped-with-reason) among dense/powersgd/greedylore[-sketch][-engine]."""
+    lc, en = lorecomm_available(), engine_available()
+    keep, skipped = [], []
+    for m in methods:
+        if m.startswith("greedylore") and lc is not None:
+            skipped.append(f"{m} ({lc})")
+        elif "engine" in m and en is not None:
+            skipped.append(f"{m} ({en})")
+        else:
+            keep.append(m)
+    return keep, skipped
+
+
 def lorecomm_available() -> str | None:
     """None if lorecomm's GreedyLore hook can run here, else the reason."""
     try:
@@ -68,10 +92,15 @@ def make_hook(kind: str, rank: int, args, pg=None):
         return st, ps.powerSGD_hook
     if kind.startswith("greedylore"):
         import lorecomm
+        import lorecomm.engine as le
 
-        probes = "sketch" if kind.endswith("sketch") else "paper"
+        probes = "sketch" if "sketch" in kind else "paper"
         st = lorecomm.GreedyLoreState(process_group=pg, rank=rank, update_interval=args.update_interval,
                                       start_step=1, probes=probes, dense_name_patterns=())
+        if "engine" in kind:  # the C++ engine (worker thread on CPU)
+            le.set_enabled(st, True)
+            return st, plain_hook(le.greedylore_engine_hook)
+        le.set_enabled(st, False)  # the Python reference path
         return st, plain_hook(lorecomm.greedylore_hook)
     if kind == "dense":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -140,15 +169,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=4, help="untimed steps (dense, refresh, bucket rebuild)")
     p.add_argument("--steps", type=int, default=10, help="timed compressed steps")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--hooks", nargs="+", default=["dense", "powersgd", "greedylore", "greedylore-sketch"])
+    p.add_argument("--hooks", nargs="+", default=["dense", "powersgd", "greedylore", "greedylore-sketch",
+                                                     "greedylore-engine", "greedylore-sketch-engine"],
+                   help="greedylore*: Python reference path; *-engine: the C++ engine")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    reason = lorecomm_available()
-    skipped = []
-    if reason is not None:
-        skipped = [h for h in args.hooks if h.startswith("greedylore")]
-        args.hooks = [h for h in args.hooks if not h.startswith("greedylore")]
-        print(f"lorecomm hook unavailable ({reason}); skipping {skipped}", file=sys.stderr)
+    args.hooks, skipped = filter_methods(args.hooks)
+    if skipped:
+        print(f"skipping {skipped}", file=sys.stderr)
     import torch.multiprocessing as mp
 
     q = mp.get_context("spawn").SimpleQueue()
@@ -168,7 +196,7 @@ def main(argv=None):
                      f"{lat / ref[1]:.2f}" if ref else "-", n])
     text += cu.md_table(["hook", "call (ms)", "latency (ms)", "latency / PowerSGD", "buckets"], rows)
     if skipped:
-        text += f"\nNot run: {', '.join(skipped)} ({reason}).\n"
+        text += f"\nNot run: {'; '.join(skipped)}.\n"
     cu.write_result(args.out, text)
     return res
 

@@ -161,10 +161,16 @@ def worker(args):
 
         state = lorecomm.GreedyLoreState(rank=args.rank, update_interval=args.update_interval, start_step=1,
                                          probes=args.probes, dense_name_patterns=())
+        import lorecomm.engine as le
         from hook_overhead import plain_hook
 
         state.bind(ddp)
-        ddp.register_comm_hook(state, plain_hook(lorecomm.greedylore_hook))
+        if args.engine and le.available():  # the C++ engine (worker thread on CPU)
+            le.set_enabled(state, True)
+            ddp.register_comm_hook(state, plain_hook(le.greedylore_engine_hook))
+        else:
+            le.set_enabled(state, False)
+            ddp.register_comm_hook(state, plain_hook(lorecomm.greedylore_hook))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(args.rank_id))
     tx_path = f"/sys/class/net/{args.ifname}/statistics/tx_bytes"
@@ -208,7 +214,7 @@ def run_pair(net: VethPair, method: str, args) -> dict:
                "--width", str(args.width), "--layers", str(args.layers), "--batch", str(args.batch),
                "--rank", str(args.rank), "--update-interval", str(args.update_interval),
                "--probes", args.probes, "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + ([] if args.engine else ["--no-engine"])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cu.ROOT), os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     outs = []
@@ -242,6 +248,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--no-engine", dest="engine", action="store_false",
+                   help="run GreedyLore on the Python reference path instead of the C++ engine")
     p.add_argument("--out", default=None)
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -262,6 +270,9 @@ def main(argv=None):
     if lc is not None and "greedylore" in args.methods:
         args.methods.remove("greedylore")
         skipped.append(f"greedylore ({lc})")
+    from hook_overhead import engine_available
+
+    engine_ok = engine_available() is None
     results = {}
     with VethPair() as net:
         for rate in args.rates:
@@ -274,7 +285,8 @@ def main(argv=None):
                      "python bench/netem.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])))
     text += (f"\nModel: {args.layers} x Linear({args.width}, {args.width}) + bias = {numel / 1e6:.2f}M params "
              f"({numel * 4 / 2**20:.1f} MB fp32), one DDP bucket, batch {args.batch}, SGD; rank {args.rank} for "
-             f"PowerSGD and GreedyLore (probes={args.probes}, update_interval={args.update_interval}); "
+             f"PowerSGD and GreedyLore (probes={args.probes}, update_interval={args.update_interval}, "
+             f"{'C++ engine' if args.engine and engine_ok else 'Python path'}); "
              f"{args.threads} torch thread(s) per rank; medians of {args.steps} compressed steps after "
              f"{args.warmup} warm-up steps. Payload = bytes the hook all-reduces per rank per step; wire = "
              f"veth tx bytes per rank per step (incl. Gloo/TCP/IP framing).\n\n")

@@ -36,7 +36,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 import comm_util as cu  # noqa: E402
-from hook_overhead import lorecomm_available  # noqa: E402
+from hook_overhead import filter_methods  # noqa: E402
 
 SIZES = {  # name: (d_model, layers, heads, vocab)
     "tiny": (128, 2, 4, 1024),
@@ -186,7 +186,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"], choices=list(SIZES))
-    p.add_argument("--methods", nargs="+", default=["dense", "powersgd", "greedylore-sketch"])
+    p.add_argument("--methods", nargs="+", default=["dense", "powersgd", "greedylore-sketch",
+                                                                   "greedylore-sketch-engine"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rank", type=int, default=16)
@@ -197,12 +198,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    reason = lorecomm_available()
-    skipped = []
-    if reason is not None:
-        skipped = [m for m in args.methods if m.startswith("greedylore")]
-        args.methods = [m for m in args.methods if not m.startswith("greedylore")]
-        print(f"lorecomm unavailable ({reason}); skipping {skipped}", file=sys.stderr)
+    args.methods, skipped = filter_methods(args.methods)
+    if skipped:
+        print(f"skipping {skipped}", file=sys.stderr)
     import torch.multiprocessing as mp
 
     q = mp.get_context("spawn").SimpleQueue()
@@ -216,7 +214,7 @@ def main(argv=None):
     text += cu.md_table(["model", "params", "method", "backward", "compress", "comm", "step", "exposed",
                          "overlap", "msgs", "MB/step"], rows)
     if skipped:
-        text += f"\nNot run: {', '.join(skipped)} ({reason}).\n"
+        text += f"\nNot run: {'; '.join(skipped)}.\n"
     cu.write_result(args.out, text)
     return rows
 

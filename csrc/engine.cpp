@@ -1,0 +1,377 @@
+// lorecomm bucket pipeline engine: see engine.h.
+#include "engine.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#ifdef LORECOMM_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <cmath>
+#include <exception>
+#include <sstream>
+#include <stdexcept>
+
+namespace lorecomm::engine {
+namespace {
+
+// torch.ops.lorecomm.<name>, called boxed: works with any registered kernel
+// (the C++ CPU kernels of csrc/ops.cpp, Triton kernels registered from
+// Python, or a Python reference), whatever its exact C++ signature.
+c10::OperatorHandle op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+at::Tensor call1(const char* name, std::vector<c10::IValue> args) {
+  torch::jit::Stack stack(std::move(args));
+  op(name).callBoxed(stack);
+  TORCH_CHECK(stack.size() == 1 && stack[0].isTensor(), name, " did not return one tensor");
+  return std::move(stack[0]).toTensor();
+}
+
+void call0(const char* name, std::vector<c10::IValue> args) {
+  torch::jit::Stack stack(std::move(args));
+  op(name).callBoxed(stack);
+}
+
+struct StageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// the message without the C++ backtrace c10::Error appends
+const char* message_of(const std::exception& e) {
+  if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) return ce->what_without_backtrace();
+  return e.what();
+}
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  if (!t.defined()) return "undefined";
+  s << t.scalar_type() << t.sizes() << " on " << t.device();
+  return s.str();
+}
+
+void check_job(const Job& job) {
+  const auto& buf = job.buffer;
+  TORCH_CHECK(buf.defined() && buf.dim() == 1 && buf.is_contiguous(),
+              "the bucket must be a contiguous 1-D tensor, got ", describe(buf));
+  auto dt = buf.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "the bucket dtype must be float32, bfloat16 or float16, got ", dt);
+  for (size_t i = 0; i < job.batches.size(); ++i) {
+    const auto& b = job.batches[i];
+    TORCH_CHECK(b.G.defined() && b.G.dim() == 3, "batch ", i, ": G must be (B, a, b), got ", describe(b.G));
+    const auto B = b.G.size(0), a = b.G.size(1), n = b.G.size(2);
+    TORCH_CHECK(b.E.defined() && b.E.sizes() == b.G.sizes() && b.E.scalar_type() == at::kFloat,
+                "batch ", i, ": E must be float32 ", b.G.sizes(), ", got ", describe(b.E));
+    TORCH_CHECK(b.U.defined() && b.U.dim() == 3 && b.U.size(0) == B && b.U.size(1) == a && b.U.size(2) == a &&
+                    b.U.scalar_type() == at::kFloat,
+                "batch ", i, ": U must be float32 (", B, ", ", a, ", ", a, "), got ", describe(b.U));
+    TORCH_CHECK(b.keys.defined() && b.keys.dim() == 1 && b.keys.size(0) == B && b.keys.scalar_type() == at::kLong,
+                "batch ", i, ": keys must be int64 (", B, ",), got ", describe(b.keys));
+    TORCH_CHECK(b.rank >= 1 && b.rank <= a, "batch ", i, ": rank ", b.rank, " must be in [1, ", a, "]");
+    for (const auto* t : {&b.G, &b.E, &b.U, &b.keys})
+      TORCH_CHECK(t->device() == buf.device(), "batch ", i, ": all tensors must be on the bucket's device ",
+                  buf.device(), ", got ", describe(*t));
+    (void)n;
+  }
+  for (const auto& [s, e] : job.dense_ranges)
+    TORCH_CHECK(0 <= s && s <= e && e <= buf.numel(), "dense range [", s, ", ", e, ") outside the bucket of ",
+                buf.numel(), " elements");
+}
+
+}  // namespace
+
+double Engine::now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+Engine::Engine(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::chrono::milliseconds timeout)
+    : pg_(std::move(pg)), timeout_(timeout) {
+  TORCH_CHECK(pg_, "lorecomm engine: a process group is required");
+  worker_ = std::thread([this] { loop(); });
+}
+
+Engine::~Engine() { shutdown(); }
+
+void Engine::shutdown() {
+  std::deque<Item> orphans;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stop_ && !worker_.joinable()) return;
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) {
+    if (worker_.get_id() != std::this_thread::get_id()) {
+      worker_.join();
+    } else {
+      worker_.detach();  // called from a callback on the worker: it exits after this job
+    }
+  }
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    orphans.swap(queue_);
+  }
+  for (auto& it : orphans)
+    it.fut->setErrorIfNeeded(std::make_exception_ptr(
+        std::runtime_error("lorecomm engine: shut down before " + it.job.label + " ran")));
+  idle_cv_.notify_all();
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> Engine::submit(Job job) {
+  std::vector<c10::Device> devices;
+  if (job.buffer.defined() && job.buffer.is_cuda()) devices.push_back(job.buffer.device());
+  auto fut = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
+  Item it{std::move(job), fut, at::ThreadLocalState(), 0, now_s()};
+#ifdef LORECOMM_WITH_CUDA
+  if (it.job.buffer.defined() && it.job.buffer.is_cuda()) {
+    // the bucket is ready on the submitter's current stream: order after it
+    auto ev = std::make_shared<at::cuda::CUDAEvent>();
+    ev->record(c10::cuda::getCurrentCUDAStream(it.job.buffer.device().index()));
+    it.ready_event = ev;
+  }
+#endif
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stop_) {
+      fut->setError(std::make_exception_ptr(std::runtime_error("lorecomm engine: submit after shutdown")));
+      return fut;
+    }
+    it.seq = next_seq_++;
+    if (it.job.label.empty()) it.job.label = "bucket #" + std::to_string(it.seq);
+    queue_.push_back(std::move(it));
+  }
+  cv_.notify_one();
+  return fut;
+}
+
+void Engine::drain() {
+  std::unique_lock<std::mutex> g(mu_);
+  idle_cv_.wait(g, [this] { return (queue_.empty() && !running_job_) || (stop_ && !worker_.joinable()); });
+}
+
+void Engine::reset() {
+  std::lock_guard<std::mutex> g(mu_);
+  failure_.reset();
+}
+
+int64_t Engine::jobs_done() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return done_;
+}
+int64_t Engine::pending() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return static_cast<int64_t>(queue_.size()) + (running_job_ ? 1 : 0);
+}
+double Engine::busy_seconds() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return busy_s_;
+}
+std::optional<std::string> Engine::failure() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return failure_;
+}
+std::vector<TimelineEntry> Engine::timeline(bool clear) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto out = timeline_;
+  if (clear) timeline_.clear();
+  return out;
+}
+
+void Engine::loop() {
+  for (;;) {
+    Item it;
+    {
+      std::unique_lock<std::mutex> g(mu_);
+      cv_.wait(g, [this] { return stop_ || !queue_.empty(); });
+      if (stop_) return;  // shutdown() fails what is left
+      it = std::move(queue_.front());
+      queue_.pop_front();
+      running_job_ = true;
+    }
+    const double t0 = now_s();
+    bool failed = false;
+    std::optional<std::string> prior;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      prior = failure_;
+    }
+    if (prior) {
+      failed = true;
+      it.fut->setError(std::make_exception_ptr(std::runtime_error(
+          "lorecomm engine: " + it.job.label + " not run: an earlier bucket failed (" + *prior +
+          "); the collective sequence of this process group is broken")));
+    } else {
+      try {
+        at::ThreadLocalStateGuard tls_guard(it.tls);
+        run(it);
+      } catch (const std::exception& e) {
+        failed = true;
+        std::string msg = message_of(e);
+        {
+          std::lock_guard<std::mutex> g(mu_);
+          failure_ = msg;
+        }
+        it.fut->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(msg)));
+      } catch (...) {
+        failed = true;
+        std::string msg = "lorecomm engine: " + it.job.label + ": unknown error";
+        {
+          std::lock_guard<std::mutex> g(mu_);
+          failure_ = msg;
+        }
+        it.fut->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(msg)));
+      }
+    }
+    const double t1 = now_s();
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      running_job_ = false;
+      ++done_;
+      busy_s_ += t1 - t0;
+      if (timeline_.size() < 100000) timeline_.push_back({it.seq, it.submit_s, t0, t1, failed});
+    }
+    // drop tensors before signalling idle, so a drained engine holds no bucket
+    it = Item();
+    idle_cv_.notify_all();
+  }
+}
+
+void Engine::run(Item& it) {
+  Job& job = it.job;
+  const char* phase = job.phase == Phase::Dense ? "dense" : "compressed";
+  try {
+    check_job(job);
+  } catch (const std::exception& e) {
+    throw StageError(std::string("lorecomm engine: ") + job.label + " (" + phase + "): bad input: " + message_of(e));
+  }
+#ifdef LORECOMM_WITH_CUDA
+  std::optional<c10::cuda::CUDAStreamGuard> sguard;
+  if (job.buffer.is_cuda()) {
+    const int dev = job.buffer.device().index();
+    if (!stream_ || stream_device_ != dev) {
+      stream_ = std::make_shared<c10::cuda::CUDAStream>(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev));
+      stream_device_ = dev;
+    }
+    auto& s = *std::static_pointer_cast<c10::cuda::CUDAStream>(stream_);
+    std::static_pointer_cast<at::cuda::CUDAEvent>(it.ready_event)->block(s);  // GPU-side wait, host goes on
+    sguard.emplace(s);
+    // the bucket and state are used on our stream: keep the allocator from recycling them early
+    job.buffer.record_stream(s);
+  }
+#endif
+  try {
+    if (job.phase == Phase::Dense || job.batches.empty()) {
+      run_dense(job);
+    } else {
+      run_compressed(job);
+    }
+  } catch (const StageError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw StageError(std::string("lorecomm engine: ") + job.label + " (" + phase + "): " + message_of(e));
+  }
+  // completes on the current stream (the engine's on GPU): consumers are ordered after it
+  it.fut->markCompleted(c10::IValue(job.buffer));
+}
+
+void Engine::all_reduce_mean(const at::Tensor& t, const char* what, const Job& job) {
+  // DDP's convention, as CommState._all_reduce_mean: divide, then sum-all-reduce
+  t.div_(pg_->getSize());
+  std::vector<at::Tensor> v{t};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp::SUM;
+  c10::intrusive_ptr<c10d::Work> work;
+  try {
+    work = pg_->allreduce(v, opts);
+    if (!work->wait(timeout_)) {
+      throw std::runtime_error("collective did not complete");
+    }
+  } catch (const std::exception& e) {
+    std::ostringstream s;
+    s << "lorecomm engine: " << job.label << ": " << what << " all-reduce of " << t.numel() << " "
+      << t.scalar_type() << " elements over " << pg_->getSize() << " ranks (" << pg_->getBackendName()
+      << ") failed: " << message_of(e)
+      << (timeout_.count() > 0 ? " [engine timeout " + std::to_string(timeout_.count()) + " ms]" : "")
+      << ". A rank died, timed out or issued different collectives; the step cannot complete.";
+    throw StageError(s.str());
+  }
+}
+
+void Engine::run_dense(Job& job) { all_reduce_mean(job.buffer, "dense", job); }
+
+void Engine::run_compressed(Job& job) {
+  const auto& buf = job.buffer;
+  const auto fopts = buf.options().dtype(at::kFloat);
+  // 1. scores of every batch (H = G + E never materialised), flattened back to back
+  std::vector<at::Tensor> scores;
+  scores.reserve(job.batches.size());
+  for (auto& b : job.batches) {
+    at::Tensor lam = job.sketch_k > 0
+                         ? call1("lorecomm::score_sketch", {b.G, b.E, b.U, b.keys, job.sketch_k})
+                         : call1("lorecomm::score_paper", {b.G, b.E, b.U, b.keys});
+    scores.push_back(lam.reshape({-1}));
+  }
+  at::Tensor flat = at::cat(scores);
+  // 2. averaged signed scores
+  all_reduce_mean(flat, "score", job);
+  // 3. global finite flag and greedy selection, on device
+  at::Tensor ok = at::isfinite(flat).all();
+  std::vector<at::Tensor> picks;
+  int64_t pos = 0;
+  for (size_t i = 0; i < job.batches.size(); ++i) {
+    const auto& b = job.batches[i];
+    const int64_t B = b.G.size(0), a = b.G.size(1);
+    const int64_t n = scores[i].numel();
+    at::Tensor lbar = flat.narrow(0, pos, n).view({B, a, -1});
+    pos += n;
+    at::Tensor energy = lbar.square().mean(-1);
+    // stable descending sort: ties go to the lower index, on every rank alike
+    at::Tensor idx = std::get<1>(energy.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
+    picks.push_back(idx.narrow(-1, 0, b.rank));
+  }
+  at::Tensor update_error = job.error_feedback ? ok : ok.logical_and(at::zeros_like(ok));
+  // 4. project + residual into the factor buffer; dense leftovers after the factors
+  int64_t factors = 0, dense_numel = 0;
+  for (const auto& b : job.batches) factors += b.G.size(0) * b.rank * b.G.size(2);
+  for (const auto& [s, e] : job.dense_ranges) dense_numel += e - s;
+  at::Tensor comm = at::empty({factors + dense_numel}, fopts);
+  std::vector<std::pair<at::Tensor, at::Tensor>> PR;
+  pos = 0;
+  for (size_t i = 0; i < job.batches.size(); ++i) {
+    auto& b = job.batches[i];
+    const int64_t B = b.G.size(0), a = b.G.size(1), n = b.G.size(2), r = b.rank;
+    at::Tensor P = b.U.gather(2, picks[i].unsqueeze(1).expand({B, a, r}));
+    at::Tensor R = comm.narrow(0, pos, B * r * n).view({B, r, n});
+    call0("lorecomm::project_residual", {b.G, b.E, P, R, update_error});
+    PR.emplace_back(P, R);
+    pos += B * r * n;
+  }
+  pos = factors;
+  for (const auto& [s, e] : job.dense_ranges) {
+    comm.narrow(0, pos, e - s).copy_(buf.narrow(0, s, e - s));
+    pos += e - s;
+  }
+  // 5. factor (+ dense) all-reduce
+  all_reduce_mean(comm, "factor", job);
+  // a skipped (non-finite) step must reach the optimizer as non-finite on every rank
+  comm.narrow(0, 0, factors)
+      .add_(at::where(ok, at::scalar_tensor(0.0, fopts), at::scalar_tensor(std::nan(""), fopts)));
+  // 6. decompress into the bucket, dense leftovers back
+  for (size_t i = 0; i < job.batches.size(); ++i)
+    call0("lorecomm::decompress", {PR[i].first, PR[i].second, job.batches[i].G});
+  pos = factors;
+  for (const auto& [s, e] : job.dense_ranges) {
+    buf.narrow(0, s, e - s).copy_(comm.narrow(0, pos, e - s));
+    pos += e - s;
+  }
+  if (job.ok_out) job.ok_out->copy_(ok);
+}
+
+}  // namespace lorecomm::engine

@@ -1,0 +1,225 @@
+"""Python side of the C++ bucket engine (``lorecomm._C.Engine``, csrc/engine.cpp).
+
+``reduce_async(state, buffer, params, offsets, is_last)`` is the engine's
+version of ``CommState.reduce_async`` for a :class:`GreedyLoreState`: the
+Python layer plans the bucket (``state._plan``), derives the step's probe
+keys and does the byte accounting exactly as ``CommState.reduce`` does, then
+hands the bucket to the engine, which runs the phase on its worker thread
+(CPU) or its own CUDA stream (GPU) and completes the returned future with the
+bucket. The maths is the one of ``GreedyLoreState._compressed`` /
+``_all_reduce_mean`` op for op, collective for collective, so both paths agree
+bit for bit.
+
+Covered by the engine: the dense phase (warm-up) and compressed steps with
+``selection="greedy"`` (paper or sketch probes, with or without error
+feedback). Refresh steps (SVD basis, checksum/broadcast with a host sync) and
+the ``fixed`` / ``random`` selection ablations run on the Python reference
+path, synchronously, after the engine has drained (so the collective order is
+kept).
+
+Use: ``lorecomm.engine.reduce_async(state, ...)`` or the DDP hook
+``lorecomm.engine.greedylore_engine_hook``; ``enabled(state)`` says whether the
+state would use it (``set_enabled(state, False)`` or ``LORECOMM_ENGINE=0``
+turn it off). ``drain(state)`` waits for the state's queued buckets.
+"""
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import threading
+import weakref
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["available", "enabled", "set_enabled", "engine_for", "reduce_async", "drain",
+           "greedylore_engine_hook", "unavailable_reason"]
+
+_lock = threading.Lock()
+_engines: "weakref.WeakKeyDictionary[object, tuple[object, object]]" = weakref.WeakKeyDictionary()
+_choice: "weakref.WeakKeyDictionary[object, bool]" = weakref.WeakKeyDictionary()
+_all: "weakref.WeakSet" = weakref.WeakSet()
+_SCORE_STREAM = 0
+
+
+def _module():
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return _C if getattr(_C, "HAS_ENGINE", False) else None
+
+
+def unavailable_reason() -> str | None:
+    if os.environ.get("LORECOMM_ENGINE", "1") in ("0", "off", "false"):
+        return "disabled by LORECOMM_ENGINE=0"
+    if _module() is None:
+        return "lorecomm._C is not built or has no Engine (build with pip install -e .)"
+    return None
+
+
+def available() -> bool:
+    """True when the compiled engine can be used in this process."""
+    return unavailable_reason() is None
+
+
+def _supported(state) -> bool:
+    from .greedylore import GreedyLoreState
+
+    return isinstance(state, GreedyLoreState)
+
+
+def set_enabled(state, on: bool | None) -> None:
+    """Force the engine on/off for ``state`` (None: automatic)."""
+    if on is None:
+        _choice.pop(state, None)
+    else:
+        if on and not available():
+            raise RuntimeError(f"the lorecomm engine is not available: {unavailable_reason()}")
+        if on and not _supported(state):
+            raise ValueError(f"the lorecomm engine runs GreedyLoreState only, not {type(state).__name__}")
+        _choice[state] = bool(on)
+
+
+def enabled(state) -> bool:
+    """Whether ``reduce_async`` of ``state`` should go through the engine."""
+    choice = _choice.get(state)
+    if choice is not None:
+        return choice
+    return available() and _supported(state)
+
+
+def _timeout_ms(state) -> int:
+    env = os.environ.get("LORECOMM_ENGINE_TIMEOUT_S")
+    if env:
+        return int(float(env) * 1000)
+    t = getattr(state, "engine_timeout", None)
+    if isinstance(t, datetime.timedelta):
+        return int(t.total_seconds() * 1000)
+    if isinstance(t, (int, float)):
+        return int(t * 1000)
+    return 0  # the process group's own timeout (Gloo enforces it per collective)
+
+
+def engine_for(state):
+    """The engine of ``state`` on its current process group (created on first use)."""
+    group = state.group
+    with _lock:
+        entry = _engines.get(state)
+        if entry is not None and entry[0] is group:
+            return entry[1]
+        if entry is not None:  # process group changed: retire the old engine
+            entry[1].drain()
+            entry[1].shutdown()
+        mod = _module()
+        if mod is None:
+            raise RuntimeError(f"the lorecomm engine is not available: {unavailable_reason()}")
+        eng = mod.Engine(group, _timeout_ms(state))
+        _engines[state] = (group, eng)
+        _all.add(eng)
+        return eng
+
+
+def drain(state) -> None:
+    """Wait until every bucket ``state`` queued on its engine has finished."""
+    entry = _engines.get(state)
+    if entry is not None:
+        entry[1].drain()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for eng in list(_all):
+        try:
+            eng.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter exit
+            pass
+
+
+def _keys(state, batch, t: int, device) -> torch.Tensor:
+    return state._keys(batch, t, _SCORE_STREAM, device)
+
+
+def _value(f):
+    return f.value()
+
+
+def _completed(value) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def reduce_async(state, buffer: torch.Tensor, params: Sequence[torch.Tensor], offsets=None,
+                 is_last: bool = True):
+    """``state.reduce_async`` through the engine; returns a future of ``buffer``.
+
+    Same checks, plan, phase, accounting and step counting as
+    ``CommState.reduce``; phases the engine does not cover run on the Python
+    reference path after the engine drained.
+    """
+    from .state import CommState, _elem_bytes
+
+    if not isinstance(buffer, torch.Tensor) or buffer.dim() != 1 or not buffer.is_contiguous():
+        raise ValueError("buffer must be a contiguous 1-D gradient tensor")
+    if buffer.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"buffer dtype must be float32, bfloat16 or float16, got {buffer.dtype}")
+    if not state._params:
+        raise RuntimeError("state is not bound to a model: call state.bind(model) or lorecomm.register(...)")
+    plan = state._plan(buffer, params, offsets)
+    t = state.step + 1
+    phase = state.phase(t)
+    compressed = phase == "compressed" and plan.batches and state.selection == "greedy"
+    if phase != "dense" and plan.batches and not compressed:
+        # refresh / fixed / random selection: the Python reference path, in order
+        drain(state)
+        return _completed(CommState.reduce(state, buffer, params, offsets, is_last))
+    eng = engine_for(state)
+    label = f"bucket {state._calls} (step {t}, {buffer.numel()} elements)"
+    if not compressed:
+        # a Python-level then(): DDP's Python comm hooks need a Python-object value
+        fut = eng.submit_dense(buffer, label).then(_value)
+        sent = _elem_bytes(buffer)
+    else:
+        dev = buffer.device
+        batches = [(b.view(buffer), b.tensors["E"], b.tensors["U"], _keys(state, b, t, dev), b.rank)
+                   for b in plan.batches]
+        k = state.sketch_size if state.probes == "sketch" else 0
+        ok = torch.empty((), dtype=torch.bool, device=dev)
+        fut = eng.submit_compressed(buffer, batches, list(plan.dense_ranges), k, state.error_feedback, ok, label)
+        n_scores = sum(b.size * b.a * max(k, 1) for b in plan.batches)
+        n_comm = sum(b.size * b.rank * b.b for b in plan.batches) + plan.dense_numel
+        sent = 4 * (n_scores + n_comm)
+
+        def _count(f, ok=ok):
+            value = f.value()  # re-raises the engine's error
+            state._count_nonfinite(ok)
+            return value
+
+        fut = fut.then(_count)
+    # accounting and step counting exactly as CommState.reduce
+    state._calls += 1
+    state._bytes_sent += sent
+    state._bytes_dense += _elem_bytes(buffer)
+    state._bytes_by_phase[phase] += sent
+    state._step_phase = phase
+    if is_last:
+        state._steps_by_phase[phase] += 1
+        state.step += 1
+    return fut
+
+
+def greedylore_engine_hook(state, bucket):
+    """DDP communication hook running ``state`` through the engine (until the
+    core's ``greedylore_hook`` dispatches to it by itself)."""
+    if not isinstance(bucket, dist.GradBucket):
+        raise TypeError(f"expected a torch.distributed.GradBucket, got {type(bucket).__name__}")
+    if not state._params:
+        state._bind_from_ddp_bucket(bucket)
+    buffer = bucket.buffer()
+    esize = buffer.element_size()
+    base = buffer.data_ptr()
+    offsets = [(g.data_ptr() - base) // esize for g in bucket.gradients()]
+    return reduce_async(state, buffer, bucket.parameters(), offsets, bucket.is_last())
