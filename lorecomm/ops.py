@@ -3,9 +3,9 @@ compiled ``torch.ops.lorecomm`` library (contract: docs/OPS.md).
 
 The ops are declared in C++ (``csrc/ops.cpp``, loaded with ``lorecomm._C``)
 with C++ CPU kernels; their CUDA kernels are the Triton launchers of
-``lorecomm.kernels`` (registered here when importable); their fake (meta)
-kernels are registered below so the ops trace under FakeTensor /
-``torch.compile`` and pass ``torch.library.opcheck``.
+``lorecomm.kernels`` (registered here on CUDA builds of torch, when
+importable); their fake (meta) kernels are registered below so the ops trace
+under FakeTensor / ``torch.compile`` and pass ``torch.library.opcheck``.
 
 Shapes: G, E (B, a, b); U (B, a, a); P (B, a, r); R, Rbar (B, r, b);
 keys (B,) int64; ok 0-dim bool.
@@ -95,6 +95,15 @@ def decompress(P: torch.Tensor, Rbar: torch.Tensor, out: torch.Tensor) -> None:
 
 # ------------------------------------------------------- CUDA kernels (Triton)
 def _register_cuda() -> str | None:
+    """Make the Triton launchers of ``lorecomm.kernels`` the CUDA kernels.
+
+    Only on a CUDA (or ROCm) build of torch: a CPU-only torch has no CUDA
+    tensors to dispatch, and not importing triton here keeps ``import lorecomm``
+    light and leaves ``lorecomm.kernels`` free to be imported later under
+    ``TRITON_INTERPRET=1`` (tests/test_kernels.py).
+    """
+    if torch.version.cuda is None and torch.version.hip is None:
+        return None
     try:
         from .kernels import register_cuda_kernels
     except ImportError as exc:
@@ -111,4 +120,4 @@ BACKEND = {
     "cpu": "C++ (csrc/ops.cpp)",
     "cuda": _register_cuda(),  # "triton" when lorecomm.kernels registered its launchers
 }
-"""Which implementation serves each device."""
+"""Which implementation serves each device (``cuda`` is None on CPU-only torch)."""
