@@ -1,0 +1,172 @@
+"""Tables and plots shared by bench/compare.py and bench/convergence/run_all.py."""
+from __future__ import annotations
+
+import math
+import os
+
+
+def fmt_bytes(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+
+
+def smooth(xs, k=10):
+    out, s = [], 0.0
+    q = []
+    for x in xs:
+        q.append(x)
+        s += x
+        if len(q) > k:
+            s -= q.pop(0)
+        out.append(s / len(q))
+    return out
+
+
+def final_train_loss(run, k=10):
+    ls = run["losses"]
+    return sum(ls[-k:]) / len(ls[-k:])
+
+
+def ddp_rows(results):
+    """Rows (dicts) of the per-run table of a run_ddp result."""
+    rows = []
+    for r in results["runs"]:
+        ev = r["evals"][-1]
+        row = {"run": r["label"], "opt": r["opt"], "train loss": final_train_loss(r),
+               "val loss": ev["val_loss"]}
+        if "val_acc" in ev:
+            row["val acc"] = ev["val_acc"]
+        row.update({"bytes/step": r["bytes_per_step"], "compression": r["compression_ratio"],
+                    "time/step (s)": r["time_per_step"], "wall (s)": r.get("wall_s", float("nan"))})
+        rows.append(row)
+    return rows
+
+
+def _cell(k, v):
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return "-"
+    if k == "bytes/step":
+        return fmt_bytes(v)
+    if k == "compression":
+        return f"{v:.2f}x"
+    if k == "val acc":
+        return f"{100 * v:.1f}%"
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            return str(v)
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown_table(rows, cols=None):
+    if not rows:
+        return "(no rows)\n"
+    cols = cols or list(rows[0].keys())
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(_cell(c, r.get(c)) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def text_table(rows, cols=None):
+    cols = cols or list(rows[0].keys())
+    cells = [[_cell(c, r.get(c)) for c in cols] for r in rows]
+    w = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w[i]) for i, c in enumerate(cols))
+    out = [line, "-" * len(line)]
+    for x in cells:
+        out.append("  ".join(v.ljust(w[i]) for i, v in enumerate(x)))
+    return "\n".join(out)
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def plot_ddp(results, path, title):
+    """Loss vs step and loss vs bytes sent (train loss, smoothed; val loss as markers)."""
+    plt = _plt()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results["runs"]:
+        sm = smooth(r["losses"], 10)
+        steps = list(range(1, len(sm) + 1))
+        line, = axes[0].plot(steps, sm, label=r["label"], lw=1.2)
+        axes[1].plot([b / 1e6 for b in r["cum_bytes"]], sm, color=line.get_color(), lw=1.2, label=r["label"])
+        es = [e["step"] for e in r["evals"]]
+        axes[0].plot(es, [e["val_loss"] for e in r["evals"]], "o", ms=3, color=line.get_color())
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("train loss (10-step mean); dots: validation")
+    axes[1].set_xlabel("MB sent per rank (cumulative)")
+    axes[1].set_ylabel("train loss (10-step mean)")
+    axes[1].set_xscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_quadratics(q, path):
+    plt = _plt()
+    if plt is None:
+        return None
+    kinds = list(q["results"])
+    fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 8))
+    for j, kind in enumerate(kinds):
+        for m, r in q["results"][kind]["methods"].items():
+            c = r["curve"]
+            line, = axes[0, j].plot(range(len(c)), c, label=f"{m} (lr={r['lr']:g})", lw=1.1)
+            axes[1, j].plot([t * r["bytes_per_step"] / 1e3 for t in range(len(c))], c, color=line.get_color(), lw=1.1)
+        for ax in axes[:, j]:
+            ax.set_yscale("log")
+            ax.axhline(q["config"]["target"], color="k", ls=":", lw=0.8)
+            ax.grid(alpha=0.3)
+        axes[0, j].set_title(f"{kind} spectrum")
+        axes[0, j].set_xlabel("iteration")
+        axes[1, j].set_xlabel("KB sent per rank")
+        axes[0, j].set_ylabel("f(W) / f(W0)")
+        axes[0, j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_speedup(s, path):
+    plt = _plt()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    Ns = s["config"]["Ns"]
+    for m, res in s["results"].items():
+        it = [res[str(N)]["iters"] for N in Ns]
+        ax.plot(Ns, [float("nan") if v is None else v for v in it], "o-", label=m)
+    base = s["results"].get("dense", next(iter(s["results"].values())))[str(Ns[0])]["iters"]
+    if base:
+        ax.plot(Ns, [base * Ns[0] / N for N in Ns], "k:", label="ideal 1/N (from dense N=1)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("ranks N")
+    ax.set_ylabel("steps to target")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
