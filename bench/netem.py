@@ -199,13 +199,36 @@ def worker(args):
            "warm": warm, "wire": (tx1 - tx0) / args.steps,
            "payload": _payload_bytes(args.method, model, state, args.rank),
            "numel": sum(p.numel() for p in model.parameters())}
-    dist.destroy_process_group()
+    dist.barrier()
     if args.rank_id == 0:
         print("RESULT " + json.dumps(res), flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no destroy_process_group(): torch's PowerSGD hook on Gloo sometimes aborts
+    # ("terminate called without an active exception") when the group is torn
+    # down; both ranks are done and the result is written, so leave at once
+    os._exit(0)
 
 
 # ------------------------------------------------------------------ driver
-def run_pair(net: VethPair, method: str, args) -> dict:
+def run_pair(net: VethPair, method: str, args, attempts: int = 2) -> dict:
+    """One method on the two namespaces; retried once if a rank dies of a signal
+    (torch's PowerSGD hook on Gloo occasionally aborts at teardown)."""
+    for i in range(attempts):
+        try:
+            return _run_pair_once(net, method, args)
+        except _Crashed as e:
+            if i == attempts - 1:
+                raise RuntimeError(str(e)) from None
+            print(f"[netem] {method}: {e.args[0].splitlines()[0]}; retrying", file=sys.stderr, flush=True)
+    raise AssertionError
+
+
+class _Crashed(RuntimeError):
+    pass
+
+
+def _run_pair_once(net: VethPair, method: str, args) -> dict:
     port = 29000 + (os.getpid() + hash(method)) % 20000
     procs = []
     for rid in (0, 1):
@@ -226,6 +249,8 @@ def run_pair(net: VethPair, method: str, args) -> dict:
                 q.kill()
             raise RuntimeError(f"{method}: ranks did not finish within {args.timeout} s")
     for p, (o, e) in zip(procs, outs):
+        if p.returncode < 0:
+            raise _Crashed(f"{method}: rank killed by signal {-p.returncode}:\n{e[-3000:]}")
         if p.returncode != 0:
             raise RuntimeError(f"{method}: rank exited with {p.returncode}:\n{e[-3000:]}")
     for line in outs[0][0].splitlines():
