@@ -145,7 +145,8 @@ def worker(args):
                             world_size=2, timeout=dt.timedelta(seconds=120))
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(args.width, args.width) for _ in range(args.layers)])
-    ddp = DDP(model, bucket_cap_mb=10_000, gradient_as_bucket_view=True)
+    one_bucket = args.bucket_mb is None or args.method == "powersgd"  # PowerSGD: 1 bucket on Gloo
+    ddp = DDP(model, bucket_cap_mb=10_000 if one_bucket else args.bucket_mb, gradient_as_bucket_view=True)
     state = None
     if args.method == "bf16":
         ddp.register_comm_hook(None, bf16_hook)
@@ -237,7 +238,8 @@ def _run_pair_once(net: VethPair, method: str, args) -> dict:
                "--width", str(args.width), "--layers", str(args.layers), "--batch", str(args.batch),
                "--rank", str(args.rank), "--update-interval", str(args.update_interval),
                "--probes", args.probes, "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--threads", str(args.threads)] + ([] if args.engine else ["--no-engine"])
+               "--threads", str(args.threads)] + ([] if args.engine else ["--no-engine"]) + \
+            ([] if args.bucket_mb is None else ["--bucket-mb", str(args.bucket_mb)])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cu.ROOT), os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     outs = []
@@ -273,6 +275,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--bucket-mb", type=float, default=None,
+                   help="DDP bucket size for dense/bf16/greedylore (default: one bucket for every method; "
+                        "PowerSGD always gets one bucket, its hook breaks with 2+ on Gloo)")
     p.add_argument("--no-engine", dest="engine", action="store_false",
                    help="run GreedyLore on the Python reference path instead of the C++ engine")
     p.add_argument("--out", default=None)
@@ -309,7 +314,7 @@ def main(argv=None):
     text = cu.header("Bandwidth-limited step time (2 ranks, 2 network namespaces, veth + tc tbf, Gloo)",
                      "python bench/netem.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])))
     text += (f"\nModel: {args.layers} x Linear({args.width}, {args.width}) + bias = {numel / 1e6:.2f}M params "
-             f"({numel * 4 / 2**20:.1f} MB fp32), one DDP bucket, batch {args.batch}, SGD; rank {args.rank} for "
+             f"({numel * 4 / 2**20:.1f} MB fp32), {'one DDP bucket' if args.bucket_mb is None else f'{args.bucket_mb} MB DDP buckets (PowerSGD: one bucket)'}, batch {args.batch}, SGD; rank {args.rank} for "
              f"PowerSGD and GreedyLore (probes={args.probes}, update_interval={args.update_interval}, "
              f"{'C++ engine' if args.engine and engine_ok else 'Python path'}); "
              f"{args.threads} torch thread(s) per rank; medians of {args.steps} compressed steps after "
