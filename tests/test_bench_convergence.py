@@ -1,0 +1,87 @@
+"""The benchmark scripts run at tiny sizes and produce their tables (not the numbers).
+
+Multi-process tests use 2 local Gloo ranks; total well under two minutes on 2 cores.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+sys.path.insert(0, BENCH)
+sys.path.insert(0, ROOT)
+
+HAS_SK = importlib.util.find_spec("sklearn") is not None
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def _run(args, timeout=240):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_text_data_is_real_and_held_out():
+    from convergence.data import load_text, lm_batch
+    tr, va, info = load_text(200_000, 20_000)
+    assert tr.numel() == 200_000 and va.numel() == 20_000
+    assert b"def " in bytes(tr[:50_000].tolist())
+    b = lm_batch(tr, 3, 16, torch.Generator().manual_seed(0))
+    assert b.shape == (3, 16) and b.dtype == torch.long
+
+
+def test_lm_models_forward_and_fallback():
+    from convergence.models import make_lm
+    ids = torch.randint(0, 256, (2, 16))
+    for fb in (False, True):
+        m, kind = make_lm("tiny", seq=16, force_fallback=fb)
+        loss = m(ids)
+        loss.backward()
+        assert torch.isfinite(loss) and kind
+    assert "fallback" in make_lm("tiny", force_fallback=True)[1]
+
+
+def test_powersgd_byte_rule_matches_hand_count():
+    from convergence.methods import powersgd_step_bytes
+    ps = [torch.zeros(64, 32), torch.zeros(64), torch.zeros(16, 8, 3, 3), torch.zeros(4, 4)]
+    # 64x32 r=4: 64*32=2048 > (96)*4*2=768 -> (64+32)*4 floats; bias dense 64;
+    # conv 16x72: 1152 > 88*4*2=704 -> 88*4; 4x4 r=4: 16 > 8*4*2? no -> dense 16
+    assert powersgd_step_bytes(ps, 4) == 4 * (96 * 4 + 64 + 88 * 4 + 16)
+
+
+def test_compare_main_job_tiny():
+    out_prefix = os.path.join(BENCH, "results", "tmp", "test_compare")
+    out = _run(["bench/compare.py", "--steps", "6", "--preset", "tiny", "--seq", "16", "--batch", "2",
+                "--out", out_prefix, "--no-progress"])
+    for word in ("train loss", "val loss", "bytes/step", "compression", "time/step", "dense", "powersgd",
+                 "greedylore", "single DDP bucket"):
+        assert word in out, out
+    assert os.path.exists(out_prefix + ".json")
+    if HAS_MPL:
+        assert os.path.exists(out_prefix + ".png")
+
+
+def test_compare_help_documents_options():
+    out = _run(["bench/compare.py", "--help"])
+    for opt in ("--steps", "--methods", "--world-size", "--out"):
+        assert opt in out
+
+
+@pytest.mark.skipif(not HAS_SK, reason="digits workloads need scikit-learn (bench extra)")
+def test_run_all_quick_writes_report(tmp_path):
+    _run(["bench/convergence/run_all.py", "--quick", "--no-progress", "--out", str(tmp_path),
+          "--only", "digits,ft,quad,speed"])
+    md = (tmp_path / "convergence_quick.md").read_text()
+    for s in ("Residual CNN", "Fine-tuning", "Noisy quadratics", "Linear speedup", "## Claims",
+              "| run |", "bytes/step", "compression", "val acc", "iters to target", "steps to target",
+              "python bench/convergence/run_all.py --quick"):
+        assert s in md, s
+    assert ("confirmed" in md) or ("NOT confirmed" in md)
+    if HAS_MPL:
+        for f in ("digits", "ft", "quadratics", "speedup"):
+            assert (tmp_path / f"convergence_quick_{f}.png").exists()
