@@ -81,6 +81,19 @@ class Recorder:
 
         dist.all_reduce = all_reduce
 
+    def start(self):
+        import lorecomm.engine as le
+
+        self.msgs.clear()
+        self.on = True
+        le.trace = self.msgs  # collectives the C++ engine runs (issued from its worker thread)
+
+    def stop(self):
+        import lorecomm.engine as le
+
+        self.on = False
+        le.trace = None
+
 
 def make_state(kind, pg, args):
     from hook_overhead import make_hook
@@ -149,15 +162,11 @@ def _worker(rank, world_size, port, args, q):
                 st.bind(ddp)
             ddp.register_comm_hook(st, hook)
             t_step = _time_backward(ddp, ids, tgt, args.steps, args.warmup)
-            rec.msgs.clear()
-            rec.on = True
+            rec.start()
             _time_backward(ddp, ids, tgt, 1, 0)
-            rec.on = False
+            rec.stop()
             msgs = list(rec.msgs)
             nbytes = sum(n * torch.empty((), dtype=dt).element_size() for _, n, dt in msgs)
-            if not msgs and hasattr(st, "stats"):  # collectives issued from C++: replay the byte count
-                nbytes = int(st.stats()["bytes_per_step"])
-                msgs = [("all_reduce", nbytes // 4, torch.float32)]
             # replay the messages back to back on the real group
             bufs = [torch.zeros(n, dtype=dt) for _, n, dt in msgs]
             ts = []

@@ -1,6 +1,7 @@
 // lorecomm bucket pipeline engine: see engine.h.
 #include "engine.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/Types.hpp>
@@ -129,6 +130,9 @@ c10::intrusive_ptr<c10::ivalue::Future> Engine::submit(Job job) {
   if (job.buffer.defined() && job.buffer.is_cuda()) devices.push_back(job.buffer.device());
   auto fut = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
   Item it{std::move(job), fut, at::ThreadLocalState(), 0, now_s()};
+  // OpenMP/MKL thread counts are per thread: a fresh worker would use every
+  // core (oversubscribing with the backward pass); use the submitter's setting
+  it.intra_threads = at::get_num_threads();
 #ifdef LORECOMM_WITH_CUDA
   if (it.job.buffer.defined() && it.job.buffer.is_cuda()) {
     // the bucket is ready on the submitter's current stream: order after it
@@ -245,6 +249,7 @@ void Engine::loop() {
 
 void Engine::run(Item& it) {
   Job& job = it.job;
+  if (it.intra_threads > 0 && at::get_num_threads() != it.intra_threads) at::set_num_threads(it.intra_threads);
   const char* phase = job.phase == Phase::Dense ? "dense" : "compressed";
   try {
     check_job(job);

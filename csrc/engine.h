@@ -117,6 +117,7 @@ class Engine {
     at::ThreadLocalState tls;
     int64_t seq;
     double submit_s;
+    int intra_threads = 0;  // the submitter's at::get_num_threads(), applied on the worker
 #ifdef LORECOMM_WITH_CUDA
     std::shared_ptr<void> ready_event;  // at::cuda::CUDAEvent, type-erased
 #endif

@@ -42,6 +42,9 @@ _engines: "weakref.WeakKeyDictionary[object, tuple[object, object]]" = weakref.W
 _choice: "weakref.WeakKeyDictionary[object, bool]" = weakref.WeakKeyDictionary()
 _all: "weakref.WeakSet" = weakref.WeakSet()
 _SCORE_STREAM = 0
+#: when a list, every collective the engine is asked to run is appended as
+#: ("all_reduce", numel, dtype) at submission (benchmarks replay them)
+trace: list | None = None
 
 
 def _module():
@@ -182,6 +185,8 @@ def reduce_async(state, buffer: torch.Tensor, params: Sequence[torch.Tensor], of
         # a Python-level then(): DDP's Python comm hooks need a Python-object value
         fut = eng.submit_dense(buffer, label).then(_value)
         sent = _elem_bytes(buffer)
+        if trace is not None:
+            trace.append(("all_reduce", buffer.numel(), buffer.dtype))
     else:
         dev = buffer.device
         batches = [(b.view(buffer), b.tensors["E"], b.tensors["U"], _keys(state, b, t, dev), b.rank)
@@ -192,6 +197,8 @@ def reduce_async(state, buffer: torch.Tensor, params: Sequence[torch.Tensor], of
         n_scores = sum(b.size * b.a * max(k, 1) for b in plan.batches)
         n_comm = sum(b.size * b.rank * b.b for b in plan.batches) + plan.dense_numel
         sent = 4 * (n_scores + n_comm)
+        if trace is not None:
+            trace.extend([("all_reduce", n_scores, torch.float32), ("all_reduce", n_comm, torch.float32)])
 
         def _count(f, ok=ok):
             value = f.value()  # re-raises the engine's error
