@@ -38,7 +38,13 @@ def ddp_rows(results):
                "val loss": ev["val_loss"]}
         if "val_acc" in ev:
             row["val acc"] = ev["val_acc"]
+        cb, st = r["cum_bytes"], r.get("start_step", 0)
+        after = None
+        if 0 < st < len(cb):
+            dense_step = cb[0]  # step 1 is dense for every method here
+            after = dense_step * (len(cb) - st) / max(1, cb[-1] - cb[st - 1])
         row.update({"bytes/step": r["bytes_per_step"], "compression": r["compression_ratio"],
+                    "compression after warm-up": after,
                     "time/step (s)": r["time_per_step"], "wall (s)": r.get("wall_s", float("nan"))})
         rows.append(row)
     return rows
@@ -51,7 +57,7 @@ def _cell(k, v):
         return "-"
     if k == "bytes/step":
         return fmt_bytes(v)
-    if k == "compression":
+    if k.startswith("compression"):
         return f"{v:.2f}x"
     if k == "val acc":
         return f"{100 * v:.1f}%"
