@@ -63,6 +63,28 @@ class GreedyLoreState(CommState):
         self.seed = check_int("seed", seed, 0)
         self._basis_repairs = 0
 
+    # ------------------------------------------------------------ the engine
+    # Buckets run on the C++ engine (lorecomm._C.Engine: worker thread on CPU,
+    # own stream on GPU) whenever it is built and supports the phase; the
+    # Python path below is the reference and the fallback (LORECOMM_ENGINE=0).
+    def reduce_async(self, buffer, params, offsets=None, is_last: bool = True) -> torch.futures.Future:
+        from . import engine
+
+        if engine.enabled(self):
+            return engine.reduce_async(self, buffer, params, offsets, is_last)
+        return super().reduce_async(buffer, params, offsets, is_last)
+
+    def reduce(self, buffer, params, offsets=None, is_last: bool = True) -> torch.Tensor:
+        from . import engine
+
+        engine.drain(self)  # buckets still queued on the engine go first: same collective order
+        return super().reduce(buffer, params, offsets, is_last)
+
+    def _drain(self) -> None:
+        from . import engine
+
+        engine.drain(self)
+
     def config(self) -> dict:
         return {**super().config(), "rank": self.rank, "update_interval": self.update_interval,
                 "start_step": self.start_step, "min_compression_rate": self.min_compression_rate,
@@ -153,6 +175,7 @@ class GreedyLoreState(CommState):
 
         A collective: call it on every rank. Returns the number of batches repaired.
         """
+        self._drain()
         before = self._basis_repairs
         self._bytes_sent += self._ensure_identical_bases([b for p in self._plans.values() for b in p.batches])
         return self._basis_repairs - before
@@ -222,7 +245,16 @@ class GreedyLoreState(CommState):
         return sent
 
     def stats(self) -> dict:
+        self._drain()  # counters and buffers the worker may still be writing
         return {**super().stats(), "basis_repairs": self._basis_repairs}
+
+    def state_dict(self) -> dict:
+        self._drain()
+        return super().state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._drain()
+        super().load_state_dict(sd)
 
 
 def canonical_signs(U: torch.Tensor) -> torch.Tensor:
