@@ -318,7 +318,10 @@ def write_report(W, cfg, wall, total, args, prefix):
     L = [f"# Convergence evidence (issue 5){' -- QUICK smoke-test sizes, not evidence' if args.quick else ''}", "",
          f"Produced by `{cmd}` in {total / 60:.1f} min on {os.cpu_count()} CPU cores (shared), "
          f"torch {torch.__version__}, Python {platform.python_version()}. "
-         "All numbers and plots below are written by that script; nothing is edited by hand.", ""]
+         "All numbers and plots below are written by that script; nothing is edited by hand. "
+         "Raw per-step data: `bench/results/tmp/*.json` (not committed). The README's short main job, "
+         "`python bench/compare.py`, runs the dense / PowerSGD / GreedyLore part of section 1 on a larger "
+         "(0.86M-parameter) model and writes `compare.png`.", ""]
     cols_lm = ["run", "train loss", "val loss", "bytes/step", "compression", "compression after warm-up",
                "time/step (s)", "wall (s)"]
     cols_dg = ["run", "train loss", "val loss", "val acc", "bytes/step", "compression", "compression after warm-up",
