@@ -34,8 +34,9 @@ class GreedyLoreState(CommState):
             max(m, n) * r * min_compression_rate < m * n.
         selection: "greedy" (re-select the top-r directions every step),
             "fixed" (top-r of the last refresh, GaLore-style), "random".
-        probes: "paper" (one probe vector per basis direction) or "sketch"
-            (``sketch_size`` shared probes; cheaper scores).
+        probes: "sketch" (``sketch_size`` shared probes; the default: about
+            12x cheaper scores at equal or better loss, bench/results/probes.md)
+            or "paper" (one probe vector per basis direction, the reference).
         sketch_size: k, probes per matrix with probes="sketch".
         error_feedback: keep what was not sent and add it next step.
         seed: seeds the probes and random selections (same on every rank).
@@ -47,7 +48,7 @@ class GreedyLoreState(CommState):
 
     def __init__(self, process_group=None, rank: int = 32, update_interval: int = 200,
                  start_step: int = 1000, min_compression_rate: float = 2.0, selection: str = "greedy",
-                 probes: str = "paper", sketch_size: int = 4, error_feedback: bool = True, seed: int = 0,
+                 probes: str = "sketch", sketch_size: int = 4, error_feedback: bool = True, seed: int = 0,
                  dense_name_patterns=("embed", "lm_head")):
         super().__init__(process_group, dense_name_patterns)
         self.rank = check_int("rank", rank, 1)

@@ -85,7 +85,7 @@ class SimulatedGreedyLore(_Simulated):
     """N simulated ranks of GreedyLore (same arguments as GreedyLoreState)."""
 
     def __init__(self, world_size: int, params, rank: int = 32, update_interval: int = 200, start_step: int = 1000,
-                 min_compression_rate: float = 2.0, selection: str = "greedy", probes: str = "paper",
+                 min_compression_rate: float = 2.0, selection: str = "greedy", probes: str = "sketch",
                  sketch_size: int = 4, error_feedback: bool = True, seed: int = 0,
                  dense_name_patterns=("embed", "lm_head")):
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,

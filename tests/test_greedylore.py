@@ -59,7 +59,8 @@ def _simulate(kind, cfg, world, steps, params):
 
 BASE = dict(rank=2, update_interval=3, start_step=2, min_compression_rate=1.5)
 CONFIGS = [
-    ("greedy", BASE),
+    ("greedy", BASE),  # default probes (sketch)
+    ("greedy", {**BASE, "probes": "paper"}),
     ("greedy", {**BASE, "rank": 1}),
     ("greedy", {**BASE, "probes": "sketch", "sketch_size": 3}),
     ("greedy", {**BASE, "selection": "fixed"}),
@@ -169,7 +170,7 @@ def _bytes(rank, world):
     params = [("w", (8, 32)), ("bias", (8,)), ("u", (32, 8)), ("embed", (16, 16))]
     ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in params]
     cfgs = {
-        "paper": dict(rank=2, update_interval=4, start_step=1),
+        "paper": dict(rank=2, update_interval=4, start_step=1, probes="paper"),
         "sketch": dict(rank=2, update_interval=4, start_step=1, probes="sketch", sketch_size=3),
         "fixed": dict(rank=2, update_interval=4, start_step=1, selection="fixed"),
     }

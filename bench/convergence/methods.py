@@ -26,7 +26,8 @@ POWERSGD = "powersgd"
 GREEDY = {"greedylore": dict(selection="greedy"),
           "greedy-fixed": dict(selection="fixed"),
           "greedy-random": dict(selection="random"),
-          "greedy-noef": dict(selection="greedy", error_feedback=False)}
+          "greedy-noef": dict(selection="greedy", error_feedback=False),
+          "greedy-sketch": dict(selection="greedy", probes="sketch")}
 RANDOM_LINEAR = {"randk": "randk", "haar": "haar", "gaussian": "gaussian"}
 ALL_METHODS = [DENSE, POWERSGD, *GREEDY, *RANDOM_LINEAR]
 
@@ -35,30 +36,6 @@ def single_bucket_mb(model) -> float:
     """A ``bucket_cap_mb`` that puts the whole model in one DDP bucket."""
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return nbytes / 2**20 * 2 + 1
-
-
-def _register(ddp, state):
-    """``lorecomm.register(ddp, state=state)``; if DDP rejects the hook's return annotation
-    (a string under ``from __future__ import annotations`` in some lorecomm versions), register
-    an unannotated wrapper of the same hook instead (identical behaviour)."""
-    import lorecomm
-    try:
-        return lorecomm.register(ddp, state=state)
-    except ValueError as e:
-        if "return annotation" not in str(e):
-            raise
-    hook = lorecomm.hook_for(state)
-
-    def _hook(st, bucket):
-        return hook(st, bucket)
-
-    if getattr(state, "_model", None) is None and hasattr(state, "bind"):
-        try:
-            state.bind(ddp)
-        except Exception:  # noqa: BLE001 (already bound by the failed register)
-            pass
-    ddp.register_comm_hook(state, _hook)
-    return state
 
 
 def powersgd_step_bytes(params, rank: int, min_compression_rate: float = 2.0) -> int:
@@ -106,7 +83,7 @@ class Method:
                 if k in cfg:
                     kw[k] = cfg[k]
             kw.update(GREEDY[name])
-            self.state = _register(ddp, lorecomm.GreedyLoreState(process_group=ddp.process_group, **kw))
+            self.state = lorecomm.register(ddp, state=lorecomm.GreedyLoreState(process_group=ddp.process_group, **kw))
             self.note = ", ".join(f"{k}={v}" for k, v in kw.items())
         elif name in RANDOM_LINEAR:
             import lorecomm
@@ -117,7 +94,7 @@ class Method:
                 if k in cfg:
                     kw[k] = cfg[k]
             st = lorecomm.RandomLinearState(**kw)
-            self.state = _register(ddp, st)
+            self.state = lorecomm.register(ddp, state=st)
             self.note = ", ".join(f"{k}={v}" for k, v in kw.items())
         else:
             raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}")
