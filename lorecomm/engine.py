@@ -206,15 +206,7 @@ def reduce_async(state, buffer: torch.Tensor, params: Sequence[torch.Tensor], of
             return value
 
         fut = fut.then(_count)
-    # accounting and step counting exactly as CommState.reduce
-    state._calls += 1
-    state._bytes_sent += sent
-    state._bytes_dense += _elem_bytes(buffer)
-    state._bytes_by_phase[phase] += sent
-    state._step_phase = phase
-    if is_last:
-        state._steps_by_phase[phase] += 1
-        state.step += 1
+    state._account(phase, sent, buffer, is_last)  # as CommState.reduce
     return fut
 
 

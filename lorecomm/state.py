@@ -201,6 +201,11 @@ class CommState:
         plan = self._plan(buffer, params, offsets)
         phase = self.phase(self.step + 1)
         sent = self._reduce_phase(phase, plan, buffer)
+        self._account(phase, sent, buffer, is_last)
+        return buffer
+
+    def _account(self, phase: str, sent: int, buffer: torch.Tensor, is_last: bool) -> None:
+        """Count one bucket (bytes, calls) and, on the last bucket, the step."""
         self._calls += 1
         self._bytes_sent += sent
         self._bytes_dense += _elem_bytes(buffer)
@@ -209,7 +214,6 @@ class CommState:
         if is_last:
             self._steps_by_phase[phase] += 1
             self.step += 1
-        return buffer
 
     def reduce_async(self, buffer, params, offsets=None, is_last: bool = True) -> torch.futures.Future:
         fut: torch.futures.Future = torch.futures.Future()
