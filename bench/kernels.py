@@ -80,22 +80,8 @@ def _want_cuda(args):
 
 
 def import_kernels():
-    """lorecomm.kernels (installed), or the source tree's kernels/ mounted under that name."""
-    sys.path.insert(0, str(ROOT))
-    import lorecomm
-    try:
-        return importlib.import_module("lorecomm.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "lorecomm.kernels":
-            raise
-    spec = importlib.util.spec_from_file_location(
-        "lorecomm.kernels", ROOT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lorecomm.kernels"] = mod
-    spec.loader.exec_module(mod)
-    lorecomm.kernels = mod
-    return mod
+    """lorecomm.kernels (setup.py maps the source tree's kernels/ to it)."""
+    return importlib.import_module("lorecomm.kernels")  # setup.py maps kernels/ to it
 
 
 def _commit():

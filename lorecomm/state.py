@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist

@@ -28,30 +28,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_kernels():
-    """``lorecomm.kernels``, with its Triton functions interpreted.
-
-    Installed packages map ``kernels/`` to ``lorecomm.kernels``; a source tree
-    without that mapping gets the directory mounted under the same name.
-    """
+    """``lorecomm.kernels`` (setup.py maps ``kernels/`` to it), with its Triton functions interpreted."""
     for name in [m for m in sys.modules if m == "lorecomm.kernels" or m.startswith("lorecomm.kernels.")]:
         mod = sys.modules[name]
         fns = [getattr(mod, f) for f in dir(mod) if f.startswith("_") and f.endswith("_kernel")]
         if any(type(f).__name__ != "InterpretedFunction" for f in fns):
             del sys.modules[name]  # imported before TRITON_INTERPRET was set
-    import lorecomm
-    try:
-        return importlib.import_module("lorecomm.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "lorecomm.kernels":
-            raise
-    spec = importlib.util.spec_from_file_location(
-        "lorecomm.kernels", ROOT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lorecomm.kernels"] = mod
-    spec.loader.exec_module(mod)
-    lorecomm.kernels = mod
-    return mod
+    return importlib.import_module("lorecomm.kernels")  # setup.py maps kernels/ to it
 
 
 K = _load_kernels()
