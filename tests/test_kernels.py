@@ -15,7 +15,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
-import math  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
