@@ -169,3 +169,63 @@ class SimulatedRandomLinear(_Simulated):
             for i in range(N):
                 self.E[i][p] = hs[i] - sent[i]
         return scale * sum(sent) / N
+
+
+class SimulatedPowerSGD(_Simulated):
+    """N simulated ranks of PowerSGD (Vogels et al.), as torch's ``powerSGD_hook`` runs it.
+
+    Per matrix (viewed as shape[0] x rest, like torch's hook): M_i = G_i + E_i,
+    P = mean(M_i Q), orthonormalised, Q = mean(M_i^T P), output P Q^T,
+    E_i = M_i - P Q^T; Q is warm-started from the previous step. Matrices
+    where (m + n) * r * min_compression_rate >= m * n stay dense, as in torch.
+    The baseline for the simulated studies; the real hook runs on real ranks.
+    """
+
+    def __init__(self, world_size: int, params, rank: int = 32, start_step: int = 0,
+                 min_compression_rate: float = 2.0, error_feedback: bool = True, seed: int = 0,
+                 dense_name_patterns=()):
+        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
+                         start_step)
+        # torch's rule (not GreedyLore's): compress where (m + n) * r * rate < m * n
+        self.ranks = []
+        for name, shape in self.params:
+            mn = matrix_shape(shape)
+            r = None
+            if mn is not None and not name_is_dense(name, dense_name_patterns):
+                rr = min(rank, *mn)
+                r = rr if (mn[0] + mn[1]) * rr * min_compression_rate < mn[0] * mn[1] else None
+            self.ranks.append(r)
+        self.E = [[self._unoriented_zeros(p) for p in range(len(self.params))] for _ in range(self.N)]
+        g = torch.Generator().manual_seed(seed)
+        self.Q = {p: torch.randn(matrix_shape(self.params[p][1])[1], r, generator=g, dtype=torch.float64)
+                  for p, r in enumerate(self.ranks) if r is not None}
+
+    def _unoriented_zeros(self, p: int):
+        mn = matrix_shape(self.params[p][1])
+        return torch.zeros(*mn, dtype=torch.float64) if self.ranks[p] is not None else None
+
+    def step(self, grads):
+        # PowerSGD works on the m x n view as is (no orientation)
+        if len(grads) != self.N:
+            raise ValueError(f"expected gradients of {self.N} ranks, got {len(grads)}")
+        self.t += 1
+        out = []
+        for p, (name, shape) in enumerate(self.params):
+            gs = [grads[i][p].double() for i in range(self.N)]
+            r = self.ranks[p]
+            if r is None or self._dense_step():
+                out.append(sum(gs) / self.N)
+                self.bytes_sent += 4 * gs[0].numel()
+                continue
+            mn = matrix_shape(shape)
+            ms = [g.reshape(mn) + (self.E[i][p] if self.error_feedback else 0) for i, g in enumerate(gs)]
+            P = torch.linalg.qr(sum(m @ self.Q[p] for m in ms) / self.N).Q
+            Q = sum(m.t() @ P for m in ms) / self.N
+            self.Q[p] = Q
+            approx = P @ Q.t()
+            if self.error_feedback:
+                for i in range(self.N):
+                    self.E[i][p] = ms[i] - approx
+            self.bytes_sent += 4 * (mn[0] + mn[1]) * r
+            out.append(approx.reshape(shape))
+        return out
