@@ -82,6 +82,11 @@ def test_run_all_quick_writes_report(tmp_path):
               "python bench/convergence/run_all.py --quick"):
         assert s in md, s
     assert ("confirmed" in md) or ("NOT confirmed" in md)
+    # the new evidence: simulated PowerSGD in the quadratics and the speedup study, fine-tuning under sgdm
+    assert "| lowrank | powersgd |" in md and "| powersgd | 1 |" in md, md
+    assert "| dense/sgdm |" in md.split("## 3. Fine-tuning")[1].split("## 4.")[0]
+    assert "greedy-noef/sgdm" in md and "fine-tune sgdm" in md
+    assert "(extra row: vs PowerSGD only" in md
     if HAS_MPL:
         for f in ("digits", "ft", "quadratics", "speedup"):
             assert (tmp_path / f"convergence_quick_{f}.png").exists()
