@@ -36,7 +36,7 @@ class _Simulated:
             mn = matrix_shape(shape)
             r = None
             if mn is not None and not name_is_dense(name, dense_name_patterns):
-                r = compressed_rank(mn[0], mn[1], rank, min_compression_rate)
+                r = self._compressed_rank(mn[0], mn[1], rank, min_compression_rate)
             self.ranks.append(r)
         self.E = [[self._zeros(p) for p in range(len(self.params))] for _ in range(self.N)]
         self.bytes_sent = 0  # per rank, as the runtime counts them (scores, factors, dense)
@@ -49,6 +49,10 @@ class _Simulated:
     def _unoriented(self, p: int, x: torch.Tensor) -> torch.Tensor:
         m, n = matrix_shape(self.params[p][1])
         return (x.t() if m > n else x).reshape(self.params[p][1])
+
+    @staticmethod
+    def _compressed_rank(m: int, n: int, rank: int, rate: float) -> int | None:
+        return compressed_rank(m, n, rank, rate)
 
     def _zeros(self, p: int):
         mn = matrix_shape(self.params[p][1])
@@ -186,23 +190,20 @@ class SimulatedPowerSGD(_Simulated):
                  dense_name_patterns=()):
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
                          start_step)
-        # torch's rule (not GreedyLore's): compress where (m + n) * r * rate < m * n
-        self.ranks = []
-        for name, shape in self.params:
-            mn = matrix_shape(shape)
-            r = None
-            if mn is not None and not name_is_dense(name, dense_name_patterns):
-                rr = min(rank, *mn)
-                r = rr if (mn[0] + mn[1]) * rr * min_compression_rate < mn[0] * mn[1] else None
-            self.ranks.append(r)
-        self.E = [[self._unoriented_zeros(p) for p in range(len(self.params))] for _ in range(self.N)]
         g = torch.Generator().manual_seed(seed)
         self.Q = {p: torch.randn(matrix_shape(self.params[p][1])[1], r, generator=g, dtype=torch.float64)
                   for p, r in enumerate(self.ranks) if r is not None}
 
-    def _unoriented_zeros(self, p: int):
+    @staticmethod
+    def _compressed_rank(m: int, n: int, rank: int, rate: float) -> int | None:
+        # torch's rule (not GreedyLore's): compress where (m + n) * r * rate < m * n
+        r = min(rank, m, n)
+        return r if (m + n) * r * rate < m * n else None
+
+    def _zeros(self, p: int):
+        # PowerSGD works on the m x n view as is: unoriented error buffers
         mn = matrix_shape(self.params[p][1])
-        return torch.zeros(*mn, dtype=torch.float64) if self.ranks[p] is not None else None
+        return torch.zeros(*mn, dtype=torch.float64) if self.ranks and self.ranks[p] is not None else None
 
     def step(self, grads):
         # PowerSGD works on the m x n view as is (no orientation)
