@@ -93,8 +93,9 @@ double Engine::now_s() {
 }
 
 Engine::Engine(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::chrono::milliseconds timeout)
-    : pg_(std::move(pg)), timeout_(timeout) {
+    : pg_(std::move(pg)), world_size_(0), timeout_(timeout) {
   TORCH_CHECK(pg_, "lorecomm engine: a process group is required");
+  world_size_ = pg_->getSize();
   worker_ = std::thread([this] { loop(); });
 }
 
@@ -108,9 +109,11 @@ void Engine::shutdown() {
     stop_ = true;
   }
   cv_.notify_all();
+  bool joined = false;
   if (worker_.joinable()) {
     if (worker_.get_id() != std::this_thread::get_id()) {
       worker_.join();
+      joined = true;
     } else {
       worker_.detach();  // called from a callback on the worker: it exits after this job
     }
@@ -118,6 +121,7 @@ void Engine::shutdown() {
   {
     std::lock_guard<std::mutex> g(mu_);
     orphans.swap(queue_);
+    if (joined) pg_.reset();  // no job can run any more
   }
   for (auto& it : orphans)
     it.fut->setErrorIfNeeded(std::make_exception_ptr(
@@ -288,7 +292,7 @@ void Engine::run(Item& it) {
 
 void Engine::all_reduce_mean(const at::Tensor& t, const char* what, const Job& job) {
   // DDP's convention, as CommState._all_reduce_mean: divide, then sum-all-reduce
-  t.div_(pg_->getSize());
+  t.div_(world_size_);
   std::vector<at::Tensor> v{t};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::SUM;
@@ -301,7 +305,7 @@ void Engine::all_reduce_mean(const at::Tensor& t, const char* what, const Job& j
   } catch (const std::exception& e) {
     std::ostringstream s;
     s << "lorecomm engine: " << job.label << ": " << what << " all-reduce of " << t.numel() << " "
-      << t.scalar_type() << " elements over " << pg_->getSize() << " ranks (" << pg_->getBackendName()
+      << t.scalar_type() << " elements over " << world_size_ << " ranks (" << pg_->getBackendName()
       << ") failed: " << message_of(e)
       << (timeout_.count() > 0 ? " [engine timeout " + std::to_string(timeout_.count()) + " ms]" : "")
       << ". A rank died, timed out or issued different collectives; the step cannot complete.";

@@ -94,7 +94,7 @@ class Engine {
   void drain();
   // Clear the failed state (after the caller rebuilt or re-synchronised the group).
   void reset();
-  // Stop the worker; pending jobs fail. Idempotent.
+  // Stop the worker and release the process group; pending jobs fail. Idempotent.
   void shutdown();
 
   int64_t jobs_done() const;
@@ -102,8 +102,7 @@ class Engine {
   double busy_seconds() const;
   std::optional<std::string> failure() const;
   std::vector<TimelineEntry> timeline(bool clear);
-  const c10::intrusive_ptr<c10d::ProcessGroup>& process_group() const { return pg_; }
-  int world_size() const { return pg_->getSize(); }
+  int world_size() const { return world_size_; }
   // True on the engine's worker thread (e.g. inside a Future callback): the
   // Engine must not be destroyed there; the Python binding defers it.
   bool on_worker_thread() const { return std::this_thread::get_id() == worker_.get_id(); }
@@ -128,7 +127,10 @@ class Engine {
   void run_compressed(Job& job);
   void all_reduce_mean(const at::Tensor& t, const char* what, const Job& job);
 
+  // released by shutdown(): a stopped engine must not keep the group (and its
+  // backend threads) alive past destroy_process_group into interpreter exit
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  int world_size_;
   std::chrono::milliseconds timeout_;
   mutable std::mutex mu_;
   std::condition_variable cv_;       // work available / stop

@@ -3,21 +3,24 @@
 // Every op works on a batch of (a x b) matrices with arbitrary strides. Work
 // is split into (matrix, column block) tasks run with at::parallel_for; a
 // task loads its block of H = G + E once into an fp32 scratch buffer sized to
-// stay in L2, and does all its maths on that block while it is hot. Small
-// GEMMs go straight to the CPU BLAS through at::cpu::mm_out / addmm_ (no
-// dispatcher round trip). Fake (meta) kernels live in lorecomm/ops.py.
+// stay in L2, and does all its maths on that block while it is hot. GEMMs go
+// straight to the CPU BLAS (the sgemm_ torch links) with explicit
+// leading dimensions: no dispatcher round trip, no proxy copies of strided
+// outputs, and no layout-dependent slow paths (torch.mm of a transposed
+// 1024x1024 by 1024x4 measured ~25x slower than the same sgemm; see
+// bench/KERNELS.md). Fake (meta) kernels live in lorecomm/ops.py.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "philox.h"
@@ -48,9 +51,53 @@ int64_t column_block(int64_t a, int64_t b) {
 
 int64_t cdiv(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
-// A contiguous fp32 matrix view over scratch memory (no allocation).
-Tensor view2d(float* p, int64_t rows, int64_t cols) {
-  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}  // namespace
+}  // namespace lorecomm
+
+// The Fortran BLAS sgemm that CPU builds of torch carry (MKL or OpenBLAS,
+// exported by libtorch_cpu); weak, so a build without it still loads and
+// takes the ATen fallback below.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+namespace lorecomm {
+namespace {
+
+// Row-major C (m x n, ldc) = alpha op(A) op(B) + beta C, op(A) m x k, op(B)
+// k x n; A is stored (m x k) row-major, or (k x m) when ta; B likewise.
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
+             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // a single stored row may carry any row stride; BLAS wants ld >= its columns
+  const int64_t acols = ta ? m : k, bcols = tb ? k : n;
+  if ((ta ? k : m) == 1) lda = std::max(lda, acols);
+  if ((tb ? n : k) == 1) ldb = std::max(ldb, bcols);
+  if (m == 1) ldc = std::max(ldc, n);
+  constexpr int64_t kMaxInt = 2147483647;
+  const bool blas_ok = lda >= std::max<int64_t>(acols, 1) && ldb >= std::max<int64_t>(bcols, 1) &&
+                       ldc >= n && std::max({m, n, k, lda, ldb, ldc}) <= kMaxInt;
+  if (sgemm_ != nullptr && blas_ok) {
+    // BLAS is column-major: row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T
+    const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+    sgemm_(&tA, &tB, &M, &N, &K, &alpha, B, &LDA, A, &LDB, &beta, C, &LDC);
+    return;
+  }
+  auto opt = at::TensorOptions().dtype(at::kFloat);
+  auto mat = [&](const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    Tensor x = at::from_blob(const_cast<float*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opt);
+    return t ? x.t() : x;
+  };
+  Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opt);
+  Tensor prod = at::mm(mat(A, m, k, lda, ta), mat(B, k, n, ldb, tb));
+  if (beta == 0.f) {
+    c.copy_(prod.mul_(alpha));
+  } else {
+    c.mul_(beta).add_(prod, alpha);
+  }
 }
 
 // hb[j*n + c] = float(G[j, c0+c]) + E[j, c0+c] for j < a, c < n.
@@ -163,6 +210,7 @@ Tensor score_paper_cpu(const Tensor& G, const Tensor& E, const Tensor& U, const 
   if (b == 0) return lam.zero_();
   const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
   const Tensor Uc = U.contiguous();
+  const float* u = Uc.const_data_ptr<float>();
   std::vector<float> partial(static_cast<size_t>(B * nblk * a));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "lorecomm::score_paper", [&] {
     const scalar_t* g = G.const_data_ptr<scalar_t>();
@@ -173,8 +221,7 @@ Tensor score_paper_cpu(const Tensor& G, const Tensor& E, const Tensor& U, const 
         const int64_t i = t / nblk, blk = t % nblk, c0 = blk * bc, n = std::min(bc, b - c0);
         load_h(g + i * G.stride(0), G.stride(1), G.stride(2), e + i * E.stride(0), E.stride(1),
                E.stride(2), a, c0, n, hb.data());
-        Tensor Z = view2d(zb.data(), a, n);
-        at::cpu::mm_out(Z, Uc[i].t(), view2d(hb.data(), a, n));  // Z = U^T H_block
+        gemm_rm(true, false, a, n, a, 1.f, u + i * a * a, a, hb.data(), n, 0.f, zb.data(), n);  // Z = U^T H_block
         const uint64_t key = key_at(keys, i);
         float* dst = partial.data() + t * a;
         for (int64_t j = 0; j < a; ++j) {
@@ -198,6 +245,9 @@ Tensor score_paper_cpu(const Tensor& G, const Tensor& E, const Tensor& U, const 
 }
 
 // lam[i] = U_i^T (H_i S_i), S_i[c, q] = randn(key_i, c*k + q)
+//
+// Per column block, Y_blk^T = S_blk^T H_blk^T (k x a) is summed over blocks,
+// then lam = U^T Y.
 Tensor score_sketch_cpu(const Tensor& G, const Tensor& E, const Tensor& U, const Tensor& keys,
                         int64_t k) {
   const char* op = "score_sketch";
@@ -212,7 +262,7 @@ Tensor score_sketch_cpu(const Tensor& G, const Tensor& E, const Tensor& U, const
   if (b == 0) return lam.zero_();
   const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
   const Tensor Uc = U.contiguous();
-  std::vector<float> partial(static_cast<size_t>(B * nblk * a * k));
+  std::vector<float> partial(static_cast<size_t>(B * nblk * k * a));  // Y_blk^T, (k x a) each
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "lorecomm::score_sketch", [&] {
     const scalar_t* g = G.const_data_ptr<scalar_t>();
     const float* e = E.const_data_ptr<float>();
@@ -223,22 +273,28 @@ Tensor score_sketch_cpu(const Tensor& G, const Tensor& E, const Tensor& U, const
         load_h(g + i * G.stride(0), G.stride(1), G.stride(2), e + i * E.stride(0), E.stride(1),
                E.stride(2), a, c0, n, hb.data());
         randn_fill(key_at(keys, i), static_cast<uint64_t>(c0 * k), n * k, sb.data());
-        Tensor Y = view2d(partial.data() + t * a * k, a, k);
-        at::cpu::mm_out(Y, view2d(hb.data(), a, n), view2d(sb.data(), n, k));  // H_block S_block
+        // Y_blk^T = S_blk^T H_blk^T  (k x a)
+        gemm_rm(true, true, k, a, n, 1.f, sb.data(), k, hb.data(), n, 0.f,
+                partial.data() + t * k * a, a);
       }
     });
   });
   float* l = lam.data_ptr<float>();
+  const float* u = Uc.const_data_ptr<float>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> y(a * k);
+    std::vector<float> yt(k * a), lt(k * a);
     for (int64_t i = begin; i < end; ++i) {
-      std::fill(y.begin(), y.end(), 0.f);
+      std::fill(yt.begin(), yt.end(), 0.f);
       for (int64_t blk = 0; blk < nblk; ++blk) {
-        const float* p = partial.data() + (i * nblk + blk) * a * k;
-        for (int64_t x = 0; x < a * k; ++x) y[x] += p[x];
+        const float* p = partial.data() + (i * nblk + blk) * k * a;
+        for (int64_t x = 0; x < k * a; ++x) yt[x] += p[x];
       }
-      Tensor L = view2d(l + i * a * k, a, k);
-      at::cpu::mm_out(L, Uc[i].t(), view2d(y.data(), a, k));
+      // lam^T = Y^T U (k x a), then transposed: the (a x k) = U^T Y form is a
+      // small-M BLAS call that measured ~10x slower (bench/KERNELS.md)
+      gemm_rm(false, false, k, a, a, 1.f, yt.data(), a, u + i * a * a, a, 0.f, lt.data(), a);
+      float* li = l + i * a * k;
+      for (int64_t j = 0; j < a; ++j)
+        for (int64_t q = 0; q < k; ++q) li[j * k + q] = lt[q * a + j];
     }
   });
   return lam;
@@ -264,8 +320,17 @@ void project_residual_cpu(const Tensor& G, const Tensor& E, const Tensor& P, con
     R.zero_();
     return;
   }
+  if (r == 0) {  // nothing projected: the residual is all of H
+    if (update) E.add_(G.to(at::kFloat));
+    return;
+  }
   const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
   const Tensor Pc = P.contiguous();
+  const float* p = Pc.const_data_ptr<float>();
+  // R is written in place when its rows are unit-stride (the runtime's factor buffer)
+  Tensor Rw = R.stride(2) == 1 ? R : at::empty({B, r, b}, R.options());
+  float* rw = Rw.data_ptr<float>();
+  const int64_t rs0 = Rw.stride(0), ldr = Rw.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "lorecomm::project_residual", [&] {
     const scalar_t* g = G.const_data_ptr<scalar_t>();
     float* e = E.data_ptr<float>();
@@ -276,17 +341,17 @@ void project_residual_cpu(const Tensor& G, const Tensor& E, const Tensor& P, con
         float* ei = e + i * E.stride(0);
         load_h(g + i * G.stride(0), G.stride(1), G.stride(2), ei, E.stride(1), E.stride(2), a,
                c0, n, hb.data());
-        Tensor H = view2d(hb.data(), a, n);
-        Tensor Pi = Pc[i];
-        Tensor Rb = R[i].narrow(1, c0, n);
-        at::cpu::mm_out(Rb, Pi.t(), H);  // R_block = P^T H_block, written in place
+        const float* pi = p + i * a * r;
+        float* rb = rw + i * rs0 + c0;
+        gemm_rm(true, false, r, n, a, 1.f, pi, r, hb.data(), n, 0.f, rb, ldr);  // R_blk = P^T H_blk
         if (update) {
-          at::cpu::addmm_(H, Pi, Rb, 1, -1);  // H_block - P R_block, still in cache
+          gemm_rm(false, false, a, n, r, -1.f, pi, r, rb, ldr, 1.f, hb.data(), n);  // H_blk - P R_blk, in cache
           store_block(hb.data(), a, n, ei, E.stride(1), E.stride(2), c0);
         }
       }
     });
   });
+  if (!Rw.is_same(R)) R.copy_(Rw);
 }
 
 // out_i = P_i @ Rbar_i, rounded to out.dtype.
@@ -300,18 +365,34 @@ void decompress_cpu(const Tensor& P, const Tensor& Rbar, const Tensor& out) {
   check_float(op, "P", P);
   check_float(op, "Rbar", Rbar);
   if (B == 0 || a == 0 || b == 0) return;
+  if (r == 0) {
+    out.zero_();
+    return;
+  }
   const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
   const Tensor Pc = P.contiguous();
+  const Tensor Rc = Rbar.stride(2) == 1 ? Rbar : Rbar.contiguous();
+  const float* p = Pc.const_data_ptr<float>();
+  const float* rbar = Rc.const_data_ptr<float>();
+  const int64_t rs0 = Rc.stride(0), ldr = Rc.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
                                   "lorecomm::decompress", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
+    // an fp32 output with unit-stride rows takes the GEMM result directly
+    const bool direct = std::is_same_v<scalar_t, float> && out.stride(2) == 1;
     at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> ob(a * bc);
+      std::vector<float> ob(direct ? 0 : a * bc);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / nblk, blk = t % nblk, c0 = blk * bc, n = std::min(bc, b - c0);
-        Tensor Ob = view2d(ob.data(), a, n);
-        at::cpu::mm_out(Ob, Pc[i], Rbar[i].narrow(1, c0, n));
-        store_block(ob.data(), a, n, o + i * out.stride(0), out.stride(1), out.stride(2), c0);
+        const float* pi = p + i * a * r;
+        const float* rb = rbar + i * rs0 + c0;
+        if (direct) {
+          float* od = reinterpret_cast<float*>(o + i * out.stride(0) + c0);
+          gemm_rm(false, false, a, n, r, 1.f, pi, r, rb, ldr, 0.f, od, out.stride(1));
+        } else {
+          gemm_rm(false, false, a, n, r, 1.f, pi, r, rb, ldr, 0.f, ob.data(), n);
+          store_block(ob.data(), a, n, o + i * out.stride(0), out.stride(1), out.stride(2), c0);
+        }
       }
     });
   });

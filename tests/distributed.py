@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import socket
 import tempfile
@@ -19,6 +20,7 @@ def free_port() -> int:
 
 
 def _worker(rank: int, fn, world_size: int, store: str, outdir: str, args: tuple) -> None:
+    faulthandler.enable()  # a native crash in a rank shows its Python stacks
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)

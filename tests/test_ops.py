@@ -168,6 +168,51 @@ def test_project_residual_not_ok_leaves_E_bitwise(shape):
     assert torch.equal(E.view(torch.int32), E0.view(torch.int32))
 
 
+@pytest.mark.parametrize("shape", [(2, 20, 6, 3), (1, 16, 4099, 7)])
+def test_project_residual_column_strided_R(shape):
+    """R with non-unit column stride takes the copy-back path: same values."""
+    B, a, b, r = shape
+    gen = torch.Generator().manual_seed(5)
+    G = _matrix(B, a, b, torch.float32, "contiguous", gen)
+    E = _matrix(B, a, b, torch.float32, "contiguous", gen)
+    P = _orthonormal(B, a, gen)[:, :, :r]
+    big = torch.full((B, r, 2 * b), float("nan"))
+    R = big[:, :, ::2]
+    H = G.double() + E.double()
+    R_ref = P.double().transpose(1, 2) @ H
+    ops.project_residual(G, E, P, R, torch.tensor(True))
+    _close(R, R_ref)
+    _close(E, H - P.double() @ R_ref)
+    assert big[:, :, 1::2].isnan().all()
+
+
+def test_rank_zero_projects_nothing():
+    gen = torch.Generator().manual_seed(6)
+    G = _matrix(2, 5, 7, torch.bfloat16, "transposed", gen)
+    E = _matrix(2, 5, 7, torch.float32, "strided", gen)
+    H = G.double() + E.double()
+    P, R = torch.empty(2, 5, 0), torch.empty(2, 0, 7)
+    ops.project_residual(G, E, P, R, torch.tensor(True))
+    _close(E, H)  # the residual is all of H
+    out = torch.full((2, 5, 7), 3.0)
+    ops.decompress(P, R, out)
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decompress_row_strided_fp32_out(shape):
+    """fp32 rows with unit stride inside a wider bucket: GEMM writes in place, only there."""
+    B, a, b, r = shape
+    gen = torch.Generator().manual_seed(b + r)
+    P = _orthonormal(B, a, gen)[:, :, :r]
+    Rbar = _matrix(B, r, b, torch.float32, "contiguous", gen)
+    bucket = torch.full((B, a, b + 3), 7.0)
+    out = bucket[:, :, 1:b + 1]
+    ops.decompress(P, Rbar, out)
+    _close(out, P.double() @ Rbar.double())
+    assert (bucket[:, :, 0] == 7).all() and (bucket[:, :, b + 1:] == 7).all()
+
+
 # --------------------------------------------------------------- decompress
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
