@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
+import gc
 import os
 import socket
 import tempfile
@@ -35,6 +36,9 @@ def _worker(rank: int, fn, world_size: int, store: str, outdir: str, args: tuple
             f.write(traceback.format_exc())
         raise
     finally:
+        # free the rank's models, hooks and engines (cycles included) while the
+        # group and the interpreter are alive, as a clean training script would
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -44,8 +44,14 @@ def _worker(rank, fn, world_size, port, outdir, args):
             f.write(traceback.format_exc())
         raise
     finally:
+        import gc
+
         import torch.distributed as dist
 
+        # free the rank's models, hooks and engines (cycles included) while the
+        # group and the interpreter are alive: nothing then holds the group's
+        # backend threads into interpreter exit
+        gc.collect()
         if dist.is_available() and dist.is_initialized():
             try:
                 dist.destroy_process_group()
