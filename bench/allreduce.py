@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import comm_util as cu  # noqa: E402
+from lorecomm.integrations._launch import exit_rank  # noqa: E402
 
 
 def _sizes(lo: int, hi: int) -> list[int]:
@@ -77,7 +78,7 @@ def _worker(rank, world_size, port, args, q):
             break
     if rank == 0:
         q.put(rows)
-    dist.destroy_process_group()
+    exit_rank()  # SimpleQueue.put is synchronous; exit_rank says why not a normal exit
 
 
 def main(argv=None):

@@ -29,6 +29,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 import comm_util as cu  # noqa: E402
+from lorecomm.integrations._launch import exit_rank  # noqa: E402
 
 
 def make_model(width: int, layers: int) -> nn.Module:
@@ -155,7 +156,7 @@ def _worker(rank, world_size, port, args, q):
         dist.barrier()
     if rank == 0:
         q.put(results)
-    dist.destroy_process_group()
+    exit_rank()  # SimpleQueue.put is synchronous; exit_rank says why not a normal exit
 
 
 def main(argv=None):

@@ -32,6 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comm_util as cu  # noqa: E402
+from lorecomm.integrations._launch import exit_rank  # noqa: E402
 
 ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"
 METHODS = ["dense", "bf16", "powersgd", "greedylore"]
@@ -200,15 +201,9 @@ def worker(args):
            "warm": warm, "wire": (tx1 - tx0) / args.steps,
            "payload": _payload_bytes(args.method, model, state, args.rank),
            "numel": sum(p.numel() for p in model.parameters())}
-    dist.barrier()
     if args.rank_id == 0:
         print("RESULT " + json.dumps(res), flush=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # no destroy_process_group(): torch's PowerSGD hook on Gloo sometimes aborts
-    # ("terminate called without an active exception") when the group is torn
-    # down; both ranks are done and the result is written, so leave at once
-    os._exit(0)
+    exit_rank()  # not destroy_process_group + a normal exit: see exit_rank
 
 
 # ------------------------------------------------------------------ driver

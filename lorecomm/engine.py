@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["available", "enabled", "set_enabled", "engine_for", "reduce_async", "drain",
-           "greedylore_engine_hook", "unavailable_reason"]
+           "greedylore_engine_hook", "unavailable_reason", "shutdown_all"]
 
 _lock = threading.Lock()
 _engines: "weakref.WeakKeyDictionary[object, tuple[object, object]]" = weakref.WeakKeyDictionary()
@@ -133,7 +133,10 @@ def drain(state) -> None:
 
 
 @atexit.register
-def _shutdown_all() -> None:
+def shutdown_all() -> None:
+    """Stop every engine of this process (pending buckets fail) and release
+    their process groups; runs at interpreter exit, call it before
+    ``os._exit`` or to tear down early."""
     for eng in list(_all):
         try:
             eng.shutdown()

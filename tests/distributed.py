@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
-import gc
 import os
 import socket
 import tempfile
@@ -12,6 +11,8 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from lorecomm.integrations._launch import exit_rank
 
 
 def free_port() -> int:
@@ -34,13 +35,10 @@ def _worker(rank: int, fn, world_size: int, store: str, outdir: str, args: tuple
     except BaseException:
         with open(os.path.join(outdir, f"{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise
-    finally:
-        # free the rank's models, hooks and engines (cycles included) while the
-        # group and the interpreter are alive, as a clean training script would
-        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    exit_rank()  # no interpreter finalization: see its docstring
 
 
 def run_ranks(fn, world_size: int = 2, *args):

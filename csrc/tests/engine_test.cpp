@@ -439,6 +439,24 @@ void test_shutdown_fails_pending() {
   for (auto& f : fs) EXPECT(!error_of(f).empty(), "pending job must fail at shutdown");
 }
 
+void test_shutdown_releases_group() {
+  // a stopped engine must not keep the group (and its backend threads) alive
+  auto w = std::make_shared<ThreadWorld>(1, 2000ms);
+  auto pg = make_pg(w, 0);
+  Engine e(pg);
+  Job j;
+  j.buffer = at::ones({4});
+  EXPECT(error_of(e.submit(std::move(j))).empty(), "a job on a 1-rank group must succeed");
+  e.drain();
+  EXPECT(pg.use_count() == 2, "the engine holds the group while running");
+  e.shutdown();
+  EXPECT(pg.use_count() == 1, "shutdown must release the group");
+  EXPECT(e.world_size() == 1, "world size stays known after shutdown");
+  Job late;
+  late.buffer = at::ones({4});
+  EXPECT(!error_of(e.submit(std::move(late))).empty(), "submit after shutdown must fail");
+}
+
 int main() {
   at::set_num_threads(1);
   struct T {
@@ -455,6 +473,7 @@ int main() {
       {"dead_peer_errors_within_timeout", test_dead_peer_errors_within_timeout},
       {"engine_timeout_bounds_wait", test_engine_timeout_bounds_wait},
       {"shutdown_fails_pending", test_shutdown_fails_pending},
+      {"shutdown_releases_group", test_shutdown_releases_group},
   };
   for (auto& t : tests) {
     const int before = failures;

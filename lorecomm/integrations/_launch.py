@@ -29,6 +29,35 @@ def init_gloo(timeout_s: float = 120.0) -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def exit_rank(code: int = 0):
+    """End a spawned rank whose work succeeded, without interpreter finalization.
+
+    torch's Gloo backend threads can drop the last reference to a tensor or
+    future that Python owns after the interpreter has started finalizing (or
+    while the group is torn down); the GIL acquire that follows aborts the
+    process ("terminate called without an active exception",
+    pytorch/pytorch#179291 and #190489). CI saw exactly that, rarely, in ranks
+    whose work had all succeeded. So: free cycles, stop lorecomm's engines,
+    wait at a barrier until every rank is done with its collectives, flush
+    stdio and ``os._exit``. Results must already be written (files, or a
+    ``SimpleQueue``, whose ``put`` is synchronous).
+    """
+    import gc
+    import sys
+
+    import torch.distributed as dist
+
+    gc.collect()
+    from .. import engine
+
+    engine.shutdown_all()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank leaves while a peer still needs it in a collective
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _worker(rank, fn, world_size, port, outdir, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), NODE_RANK="0",
@@ -42,21 +71,15 @@ def _worker(rank, fn, world_size, port, outdir, args):
     except BaseException:
         with open(os.path.join(outdir, f"{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise
-    finally:
-        import gc
-
         import torch.distributed as dist
 
-        # free the rank's models, hooks and engines (cycles included) while the
-        # group and the interpreter are alive: nothing then holds the group's
-        # backend threads into interpreter exit
-        gc.collect()
         if dist.is_available() and dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:
                 pass
+        raise
+    exit_rank()
 
 
 def run_ranks(fn, world_size: int = 2, *args):
