@@ -13,8 +13,16 @@
 //                packed after the factors -> factor all-reduce (mean)
 //                -> NaN poisoning of a non-finite step -> decompress into
 //                the bucket, dense leftovers scattered back.
-// Exactly the op calls and collective order of GreedyLoreState._compressed
-// (lorecomm/greedylore.py) so both paths agree bit for bit.
+//                With given selections (the fixed / random ablations) the
+//                scores and their all-reduce are replaced by a one-float
+//                all-reduce of the finite flag.
+//   refresh:     H = G + E in an fp32 copy of the bucket -> all-reduce (mean)
+//                -> per batch a new basis (torch.ops.lorecomm.refresh_basis)
+//                where finite, E = 0 -> MAX all-reduce of (checksum,
+//                -checksum) per matrix -> broadcast of the bases from the
+//                group's rank 0 where any rank differs -> bucket = mean H.
+// Exactly the op calls and collective order of GreedyLoreState._compressed /
+// _refresh (lorecomm/greedylore.py) so both paths agree bit for bit.
 //
 // Execution: one worker thread per engine runs jobs in submission order
 // (collectives must be issued in the same order on every rank). On CPU the
@@ -23,7 +31,10 @@
 // worker only enqueues: it waits on an event recorded on the submitter's
 // stream when the bucket was handed over, runs everything on the engine's own
 // CUDA stream, and the Future records its completion on that stream; there is
-// no host synchronisation (no .item(), no cudaStreamSynchronize) anywhere.
+// no host synchronisation (no .item(), no cudaStreamSynchronize) on dense and
+// compressed buckets. A refresh (every update_interval steps) reads the
+// checksum comparison on the worker thread to decide which bases to
+// broadcast; that waits for the engine's stream, never the training stream.
 //
 // Errors (a collective that times out or whose peer died, a bad tensor, an op
 // failure) are set on that job's Future with a message naming the bucket and
@@ -40,6 +51,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -55,11 +67,12 @@ struct BatchSpec {
   at::Tensor G;     // (B, a, b) strided view into the bucket (bucket dtype)
   at::Tensor E;     // (B, a, b) float32 error buffer (mutated)
   at::Tensor U;     // (B, a, a) float32 basis
-  at::Tensor keys;  // (B,) int64 probe keys of this step
-  int64_t rank = 0; // r, directions sent per matrix
+  at::Tensor keys;  // (B,) int64 probe keys of this step (greedy compressed steps)
+  int64_t rank = 0; // r, directions sent per matrix (compressed steps)
+  at::Tensor picks; // (B, r) int64 given selection (fixed / random ablations); undefined: greedy
 };
 
-enum class Phase { Dense, Compressed };
+enum class Phase { Dense, Compressed, Refresh };
 
 struct Job {
   Phase phase = Phase::Dense;
@@ -68,7 +81,9 @@ struct Job {
   std::vector<std::pair<int64_t, int64_t>> dense_ranges;  // [start, end) elements
   int64_t sketch_k = 0;        // 0: paper probes; k > 0: score_sketch with k probes
   bool error_feedback = true;
-  std::optional<at::Tensor> ok_out;  // 0-dim bool: receives the global finite flag
+  std::optional<at::Tensor> ok_out;  // 0-dim bool: receives the bucket's global finite flag
+  // refresh: (n_batches,) int64 on the CPU, set to 1 where the bases were broadcast from rank 0
+  std::optional<at::Tensor> repairs_out;
   std::string label;                 // for error messages, e.g. "bucket 3"
 };
 
@@ -125,7 +140,12 @@ class Engine {
   void run(Item& it);
   void run_dense(Job& job);
   void run_compressed(Job& job);
+  void run_refresh(Job& job);
   void all_reduce_mean(const at::Tensor& t, const char* what, const Job& job);
+  void all_reduce(const at::Tensor& t, c10d::ReduceOp op, const char* what, const Job& job);
+  void broadcast(const at::Tensor& t, const char* what, const Job& job);
+  void wait(const std::function<c10::intrusive_ptr<c10d::Work>()>& launch, const std::string& what,
+            const Job& job);
 
   // released by shutdown(): a stopped engine must not keep the group (and its
   // backend threads) alive past destroy_process_group into interpreter exit

@@ -102,6 +102,46 @@ bucket. Use it through lorecomm.engine, not directly.)doc")
           },
           py::arg("buffer"), py::arg("batches"), py::arg("dense_ranges"), py::arg("sketch_k") = 0,
           py::arg("error_feedback") = true, py::arg("ok_out") = py::none(), py::arg("label") = "")
+      .def(
+          "submit_selected",
+          [](Engine& e, at::Tensor buffer, const std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>>& batches,
+             std::vector<std::pair<int64_t, int64_t>> dense_ranges, bool error_feedback,
+             std::optional<at::Tensor> ok_out, std::string label) {
+            Job job;
+            job.phase = Phase::Compressed;
+            job.buffer = std::move(buffer);
+            for (const auto& [G, E, U, picks] : batches) {
+              BatchSpec b{G, E, U, at::Tensor(), picks.dim() == 2 ? picks.size(1) : 0};
+              b.picks = picks;
+              job.batches.push_back(std::move(b));
+            }
+            job.dense_ranges = std::move(dense_ranges);
+            job.error_feedback = error_feedback;
+            job.ok_out = std::move(ok_out);
+            job.label = std::move(label);
+            return to_python(e.submit(std::move(job)));
+          },
+          py::arg("buffer"), py::arg("batches"), py::arg("dense_ranges"), py::arg("error_feedback") = true,
+          py::arg("ok_out") = py::none(), py::arg("label") = "",
+          "A compressed bucket with given selections: batches of (G, E, U, picks (B, r) int64).")
+      .def(
+          "submit_refresh",
+          [](Engine& e, at::Tensor buffer, const std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor>>& batches,
+             bool error_feedback, std::optional<at::Tensor> ok_out, std::optional<at::Tensor> repairs_out,
+             std::string label) {
+            Job job;
+            job.phase = Phase::Refresh;
+            job.buffer = std::move(buffer);
+            for (const auto& [G, E, U] : batches) job.batches.push_back(BatchSpec{G, E, U});
+            job.error_feedback = error_feedback;
+            job.ok_out = std::move(ok_out);
+            job.repairs_out = std::move(repairs_out);
+            job.label = std::move(label);
+            return to_python(e.submit(std::move(job)));
+          },
+          py::arg("buffer"), py::arg("batches"), py::arg("error_feedback") = true, py::arg("ok_out") = py::none(),
+          py::arg("repairs_out") = py::none(), py::arg("label") = "",
+          "A refresh bucket: batches of (G, E, U); ok_out 0-dim bool, repairs_out (n_batches,) int64 on the CPU.")
       .def("drain", &Engine::drain, py::call_guard<py::gil_scoped_release>(),
            "Block (GIL released) until every queued bucket has finished.")
       .def("reset", &Engine::reset, "Clear the failed state.")

@@ -37,5 +37,5 @@ PYBIND11_MODULE(_C, m) {
   }
   m.attr("bindings") = names;
   m.attr("ops") = pybind11::make_tuple("probe_normal", "score_paper", "score_sketch",
-                                       "project_residual", "decompress");
+                                       "project_residual", "decompress", "refresh_basis");
 }

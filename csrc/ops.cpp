@@ -408,6 +408,7 @@ TORCH_LIBRARY(lorecomm, m) {
   m.def("score_sketch(Tensor G, Tensor E, Tensor U, Tensor keys, int k) -> Tensor");
   m.def("project_residual(Tensor G, Tensor(a!) E, Tensor P, Tensor(b!) R, Tensor ok) -> ()");
   m.def("decompress(Tensor P, Tensor Rbar, Tensor(a!) out) -> ()");
+  m.def("refresh_basis(Tensor H) -> Tensor");  // kernel: csrc/basis.cpp (ATen, every device)
 }
 
 TORCH_LIBRARY_IMPL(lorecomm, CPU, m) {

@@ -10,12 +10,10 @@ bucket. The maths is the one of ``GreedyLoreState._compressed`` /
 ``_all_reduce_mean`` op for op, collective for collective, so both paths agree
 bit for bit.
 
-Covered by the engine: the dense phase (warm-up) and compressed steps with
-``selection="greedy"`` (paper or sketch probes, with or without error
-feedback). Refresh steps (SVD basis, checksum/broadcast with a host sync) and
-the ``fixed`` / ``random`` selection ablations run on the Python reference
-path, synchronously, after the engine has drained (so the collective order is
-kept).
+Covered by the engine: every phase of a :class:`GreedyLoreState` (warm-up,
+refresh with its basis checksum and repair broadcast, compressed steps with
+greedy, fixed or random selection, paper or sketch probes, with or without
+error feedback). Other states run on their Python path.
 
 Use: ``lorecomm.engine.reduce_async(state, ...)`` or the DDP hook
 ``lorecomm.engine.greedylore_engine_hook``; ``enabled(state)`` says whether the
@@ -148,10 +146,6 @@ def _keys(state, batch, t: int, device) -> torch.Tensor:
     return state._keys(batch, t, _SCORE_STREAM, device)
 
 
-def _value(f):
-    return f.value()
-
-
 def _completed(value) -> torch.futures.Future:
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(value)
@@ -163,10 +157,9 @@ def reduce_async(state, buffer: torch.Tensor, params: Sequence[torch.Tensor], of
     """``state.reduce_async`` through the engine; returns a future of ``buffer``.
 
     Same checks, plan, phase, accounting and step counting as
-    ``CommState.reduce``; phases the engine does not cover run on the Python
-    reference path after the engine drained.
+    ``CommState.reduce``.
     """
-    from .state import CommState, _elem_bytes
+    from .state import _elem_bytes
 
     if not isinstance(buffer, torch.Tensor) or buffer.dim() != 1 or not buffer.is_contiguous():
         raise ValueError("buffer must be a contiguous 1-D gradient tensor")
@@ -177,40 +170,59 @@ def reduce_async(state, buffer: torch.Tensor, params: Sequence[torch.Tensor], of
     plan = state._plan(buffer, params, offsets)
     t = state.step + 1
     phase = state.phase(t)
-    compressed = phase == "compressed" and plan.batches and state.selection == "greedy"
-    if phase != "dense" and plan.batches and not compressed:
-        # refresh / fixed / random selection: the Python reference path, in order
-        drain(state)
-        return _completed(CommState.reduce(state, buffer, params, offsets, is_last))
     eng = engine_for(state)
     label = f"bucket {state._calls} (step {t}, {buffer.numel()} elements)"
-    if not compressed:
-        # a Python-level then(): DDP's Python comm hooks need a Python-object value
-        fut = eng.submit_dense(buffer, label).then(_value)
+    dev = buffer.device
+    ok = None  # the bucket's global finite flag, for the state's non-finite step count
+    repairs = None
+    if phase == "dense" or not plan.batches:
+        fut = eng.submit_dense(buffer, label)
         sent = _elem_bytes(buffer)
-        if trace is not None:
-            trace.append(("all_reduce", buffer.numel(), buffer.dtype))
-    else:
-        dev = buffer.device
-        batches = [(b.view(buffer), b.tensors["E"], b.tensors["U"], _keys(state, b, t, dev), b.rank)
-                   for b in plan.batches]
-        k = state.sketch_size if state.probes == "sketch" else 0
+        collectives = [(buffer.numel(), buffer.dtype)]
+    elif phase == "refresh":
         ok = torch.empty((), dtype=torch.bool, device=dev)
-        fut = eng.submit_compressed(buffer, batches, list(plan.dense_ranges), k, state.error_feedback, ok, label)
-        n_scores = sum(b.size * b.a * max(k, 1) for b in plan.batches)
+        repairs = torch.zeros(len(plan.batches), dtype=torch.int64)
+        fut = eng.submit_refresh(buffer, [(b.view(buffer), b.tensors["E"], b.tensors["U"]) for b in plan.batches],
+                                 state.error_feedback, ok, repairs, label)
+        n_sums = 2 * sum(b.size for b in plan.batches)
+        sent = 4 * buffer.numel() + 8 * n_sums  # fp32 refresh + checksums; repairs counted on completion
+        collectives = [(buffer.numel(), torch.float32), (n_sums, torch.int64)]
+    else:
+        ok = torch.empty((), dtype=torch.bool, device=dev)
         n_comm = sum(b.size * b.rank * b.b for b in plan.batches) + plan.dense_numel
-        sent = 4 * (n_scores + n_comm)
-        if trace is not None:
-            trace.extend([("all_reduce", n_scores, torch.float32), ("all_reduce", n_comm, torch.float32)])
+        if state.selection == "greedy":
+            batches = [(b.view(buffer), b.tensors["E"], b.tensors["U"], _keys(state, b, t, dev), b.rank)
+                       for b in plan.batches]
+            k = state.sketch_size if state.probes == "sketch" else 0
+            fut = eng.submit_compressed(buffer, batches, list(plan.dense_ranges), k, state.error_feedback, ok, label)
+            n_select = sum(b.size * b.a * max(k, 1) for b in plan.batches)  # the scores
+        else:
+            picks = state._given_picks(plan, t, dev)
+            batches = [(b.view(buffer), b.tensors["E"], b.tensors["U"], J) for b, J in zip(plan.batches, picks)]
+            fut = eng.submit_selected(buffer, batches, list(plan.dense_ranges), state.error_feedback, ok, label)
+            n_select = 1  # the finite flag
+        sent = 4 * (n_select + n_comm)
+        collectives = [(n_select, torch.float32), (n_comm, torch.float32)]
 
-        def _count(f, ok=ok):
-            value = f.value()  # re-raises the engine's error
+    # runs on the worker when the bucket is done, in bucket order; a Python-level
+    # then() also gives DDP's Python comm hooks the Python-object value they need
+    def after(f, ok=ok, repairs=repairs, batches=plan.batches):
+        value = f.value()  # re-raises the engine's error
+        if ok is not None:
             state._count_nonfinite(ok)
-            return value
+        if repairs is not None:
+            for b, repaired in zip(batches, repairs.tolist()):
+                if repaired:
+                    state._basis_repairs += 1
+                    state._count_bytes(phase, _elem_bytes(b.tensors["U"]))
+        if is_last:
+            state._end_step()
+        return value
 
-        fut = fut.then(_count)
+    if trace is not None:
+        trace.extend(("all_reduce", n, dtype) for n, dtype in collectives)
     state._account(phase, sent, buffer, is_last)  # as CommState.reduce
-    return fut
+    return fut.then(after)
 
 
 def greedylore_engine_hook(state, bucket):

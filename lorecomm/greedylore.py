@@ -121,13 +121,12 @@ class GreedyLoreState(CommState):
             for batch in plan.batches:
                 batch.view(comm).add_(batch.tensors["E"])
         sent = self._all_reduce_mean(comm)
+        ok = torch.isfinite(comm).all()  # the whole bucket: a non-finite leftover skips the update too
         for batch in plan.batches:
-            hbar = batch.view(comm)
-            ok = torch.isfinite(hbar).all()
             U, E = batch.tensors["U"], batch.tensors["E"]
-            U.copy_(torch.where(ok, self._compute_basis(hbar), U))
+            U.copy_(torch.where(ok, self._compute_basis(batch.view(comm)), U))
             E.masked_fill_(ok, 0.0)
-            self._count_nonfinite(ok)
+        self._count_nonfinite(ok)
         sent += self._ensure_identical_bases(plan.batches)
         if comm is not buffer:
             buffer.copy_(comm)
@@ -135,15 +134,9 @@ class GreedyLoreState(CommState):
 
     @staticmethod
     def _compute_basis(hbar: torch.Tensor) -> torch.Tensor:
-        """Full left singular basis of each (a x b) matrix, by singular value, canonical signs.
-
-        Through the a x a Gram matrix (symmetric eigensolver, float64): only
-        orthonormality and completeness matter for the r/a contraction.
-        """
-        h = torch.nan_to_num(hbar.double(), nan=0.0, posinf=0.0, neginf=0.0)
-        _, vecs = torch.linalg.eigh(h @ h.transpose(-1, -2))
-        U = vecs.flip(-1)
-        return canonical_signs(U).float()
+        """Full left singular basis of each (a x b) matrix, by singular value, canonical signs
+        (``torch.ops.lorecomm.refresh_basis``, the op the engine calls too)."""
+        return ops.refresh_basis(hbar)
 
     def _ensure_identical_bases(self, batches: list[Batch]) -> int:
         """Check that every rank holds bit-identical bases; repair from rank 0 if not.
@@ -178,7 +171,8 @@ class GreedyLoreState(CommState):
         """
         self._drain()
         before = self._basis_repairs
-        self._bytes_sent += self._ensure_identical_bases([b for p in self._plans.values() for b in p.batches])
+        # counted with the refresh steps, whose check this is
+        self._count_bytes("refresh", self._ensure_identical_bases([b for p in self._plans.values() for b in p.batches]))
         return self._basis_repairs - before
 
     # ----------------------------------------------------------- compressed
@@ -186,8 +180,11 @@ class GreedyLoreState(CommState):
         return torch.tensor([probe_key(self.seed, t, pid, stream) for pid in batch.param_ids],
                             dtype=torch.int64, device=device)
 
-    def _select(self, plan: BucketPlan, buffer: torch.Tensor, t: int):
-        """Selected column indices J (B, r) per batch, the global finite flag, bytes sent."""
+    def _select(self, plan: BucketPlan, buffer: torch.Tensor, dense: torch.Tensor, t: int):
+        """Selected column indices J (B, r) per batch, the global finite flag, bytes sent.
+
+        ``dense``: the bucket's dense leftovers (gathered), part of the flag.
+        """
         dev = buffer.device
         if self.selection == "greedy":
             scores = []
@@ -200,6 +197,10 @@ class GreedyLoreState(CommState):
                     lam = ops.score_sketch(G, E, U, keys, self.sketch_size)
                 scores.append(lam.reshape(-1))
             flat = torch.cat(scores)
+            if dense.numel():
+                # a non-finite dense leftover must skip the step too: its NaN rides in
+                # the first score (x + 0.0 leaves every score as it was otherwise)
+                flat[:1].add_(torch.where(torch.isfinite(dense).all(), 0.0, float("nan")))
             sent = self._all_reduce_mean(flat)  # averaged signed, squared below
             ok = torch.isfinite(flat).all()
             picks, pos = [], 0
@@ -211,22 +212,27 @@ class GreedyLoreState(CommState):
                 picks.append(torch.sort(energy, dim=-1, descending=True, stable=True).indices[:, :batch.rank])
             return picks, ok, sent
         ok, sent = self._global_finite(plan, buffer)
+        return self._given_picks(plan, t, dev), ok, sent
+
+    def _given_picks(self, plan: BucketPlan, t: int, device) -> list[torch.Tensor]:
+        """(B, r) column indices per batch for the fixed / random ablations."""
         picks = []
         for batch in plan.batches:
             if self.selection == "fixed":
-                J = torch.arange(batch.rank, device=dev).expand(batch.size, -1)
+                J = torch.arange(batch.rank, device=device).expand(batch.size, -1)
             else:
                 J = torch.stack([random_columns(probe_key(self.seed, t, pid, _SELECT_STREAM), batch.a, batch.rank)
-                                 for pid in batch.param_ids]).to(dev)
+                                 for pid in batch.param_ids]).to(device)
             picks.append(J)
-        return picks, ok, sent
+        return picks
 
     def _compressed(self, plan: BucketPlan, buffer: torch.Tensor) -> int:
         t = self.step + 1
-        picks, ok, sent = self._select(plan, buffer, t)
-        update_error = ok & self.error_feedback
         factors = sum(b.size * b.rank * b.b for b in plan.batches)
         comm = torch.empty(factors + plan.dense_numel, dtype=torch.float32, device=buffer.device)
+        plan.gather_dense(buffer, comm[factors:])
+        picks, ok, sent = self._select(plan, buffer, comm[factors:], t)
+        update_error = ok & self.error_feedback
         Ps, pos = [], 0
         for batch, J in zip(plan.batches, picks):
             U = batch.tensors["U"]
@@ -235,7 +241,6 @@ class GreedyLoreState(CommState):
             ops.project_residual(batch.view(buffer), batch.tensors["E"], P, R, update_error)
             Ps.append((P, R))
             pos += R.numel()
-        plan.gather_dense(buffer, comm[factors:])
         sent += self._all_reduce_mean(comm)
         # a skipped (non-finite) step must reach the optimizer as non-finite on every rank
         comm[:factors].add_(torch.where(ok, 0.0, float("nan")))
@@ -256,13 +261,6 @@ class GreedyLoreState(CommState):
     def load_state_dict(self, sd: dict) -> None:
         self._drain()
         super().load_state_dict(sd)
-
-
-def canonical_signs(U: torch.Tensor) -> torch.Tensor:
-    """Flip each column so its largest-magnitude entry is positive (first on ties)."""
-    idx = U.abs().argmax(dim=-2, keepdim=True)
-    s = torch.sign(U.gather(-2, idx))
-    return U * torch.where(s == 0, torch.ones_like(s), s)
 
 
 def bitwise_checksum(U: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
     ) from exc
 
 __all__ = ["probe_normal", "score_paper", "score_sketch", "project_residual", "decompress",
-           "BACKEND"]
+           "refresh_basis", "BACKEND"]
 
 _ops = torch.ops.lorecomm
 
@@ -56,6 +56,12 @@ def _project_residual_fake(G, E, P, R, ok):
 @torch.library.register_fake("lorecomm::decompress")
 def _decompress_fake(P, Rbar, out):
     return None
+
+
+@torch.library.register_fake("lorecomm::refresh_basis")
+def _refresh_basis_fake(H):
+    torch._check(H.dim() == 3, lambda: "refresh_basis: H must be 3-D")
+    return H.new_empty((H.shape[0], H.shape[1], H.shape[1]), dtype=torch.float32)
 
 
 # -------------------------------------------------------------------- wrappers
@@ -91,6 +97,12 @@ def project_residual(G: torch.Tensor, E: torch.Tensor, P: torch.Tensor, R: torch
 def decompress(P: torch.Tensor, Rbar: torch.Tensor, out: torch.Tensor) -> None:
     """``out = P @ Rbar`` rounded to ``out.dtype`` (out may be any strided view)."""
     _ops.decompress(P, Rbar, out)
+
+
+def refresh_basis(H: torch.Tensor) -> torch.Tensor:
+    """(B, a, a) float32: full left singular basis of each ``H[i]`` by descending
+    singular value, canonical column signs, non-finite entries read as 0."""
+    return _ops.refresh_basis(H)
 
 
 # ------------------------------------------------------- CUDA kernels (Triton)

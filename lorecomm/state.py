@@ -9,6 +9,7 @@ same order on every rank).
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 from typing import Any, Sequence
 
@@ -72,7 +73,9 @@ class CommState:
         self._bytes_by_phase = {p: 0 for p in self.PHASES}
         self._steps_by_phase = {p: 0 for p in self.PHASES}
         self._step_phase: str | None = None
-        self._nonfinite = None  # device counter of skipped (non-finite) compressed steps
+        self._nonfinite = None  # device counter of steps with a skipped (non-finite) bucket
+        self._step_bad = None   # device flag: a bucket of the current step was non-finite
+        self._counter_lock = threading.Lock()  # engine callbacks count from the worker thread
 
     # ----------------------------------------------------------------- identity
     @property
@@ -202,18 +205,27 @@ class CommState:
         phase = self.phase(self.step + 1)
         sent = self._reduce_phase(phase, plan, buffer)
         self._account(phase, sent, buffer, is_last)
+        if is_last:
+            self._end_step()
         return buffer
 
     def _account(self, phase: str, sent: int, buffer: torch.Tensor, is_last: bool) -> None:
         """Count one bucket (bytes, calls) and, on the last bucket, the step."""
-        self._calls += 1
-        self._bytes_sent += sent
-        self._bytes_dense += _elem_bytes(buffer)
-        self._bytes_by_phase[phase] += sent
-        self._step_phase = phase
-        if is_last:
-            self._steps_by_phase[phase] += 1
-            self.step += 1
+        with self._counter_lock:
+            self._calls += 1
+            self._bytes_sent += sent
+            self._bytes_dense += _elem_bytes(buffer)
+            self._bytes_by_phase[phase] += sent
+            self._step_phase = phase
+            if is_last:
+                self._steps_by_phase[phase] += 1
+                self.step += 1
+
+    def _count_bytes(self, phase: str, sent: int) -> None:
+        """Bytes known only once a bucket ran (e.g. a basis repair on the engine)."""
+        with self._counter_lock:
+            self._bytes_sent += sent
+            self._bytes_by_phase[phase] += sent
 
     def reduce_async(self, buffer, params, offsets=None, is_last: bool = True) -> torch.futures.Future:
         fut: torch.futures.Future = torch.futures.Future()
@@ -249,18 +261,26 @@ class CommState:
         return _elem_bytes(t)
 
     def _global_finite(self, plan: BucketPlan, buffer: torch.Tensor):
-        """(all compressed gradients finite on every rank, bytes sent): one float all-reduced.
+        """(the whole bucket is finite on every rank, bytes sent): one float all-reduced.
 
         For compressors without a score all-reduce that would carry the flag.
         """
         bad = torch.zeros(1, device=buffer.device)
-        for batch in plan.batches:
-            bad += (~torch.isfinite(batch.view(buffer))).any()
+        bad += (~torch.isfinite(buffer)).any()
         sent = self._all_reduce_mean(bad)
         return bad[0] == 0, sent
 
     def _count_nonfinite(self, ok: torch.Tensor) -> None:
-        bad = (~ok).to(torch.int64)
+        """Note one bucket's global finite flag (on device, no host sync)."""
+        bad = ~ok
+        self._step_bad = bad if self._step_bad is None else self._step_bad.to(bad.device) | bad
+
+    def _end_step(self) -> None:
+        """After the step's last bucket: count the step if any bucket was non-finite."""
+        if self._step_bad is None:
+            return
+        bad = self._step_bad.to(torch.int64)
+        self._step_bad = None
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
 
     # ------------------------------------------------------------------ stats

@@ -101,40 +101,64 @@ def test_half_precision_buckets(dtype):
 
 
 # --- NaN / Inf -------------------------------------------------------------------
-def _nonfinite(rank, world):
-    params = [("w", (16, 24)), ("b", (16,))]
+# Two buckets per step: [w (compressed) | b (dense leftover)] and [v (compressed)].
+# (step, bucket, position) of the non-finite values rank 1 puts in:
+_POISON = {
+    3: [(0, 7, float("nan"))],                      # compressed step, in w
+    5: [(0, 7, float("inf")), (1, 11, float("nan"))],  # both buckets of one step: one skipped step
+    6: [(0, 7, float("-inf"))],                     # refresh step (t = 2, 6, 10), in w
+    8: [(0, 16 * 24 + 3, float("nan"))],            # compressed step, only in the dense bias
+    10: [(0, 16 * 24 + 5, float("inf"))],           # refresh step, only in the dense bias
+}
+
+
+def _nonfinite(rank, world, use_engine):
+    import lorecomm.engine as le
+
+    params = [("w", (16, 24)), ("b", (16,)), ("v", (16, 24))]
     ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in params]
     state = lorecomm.GreedyLoreState(rank=3, update_interval=4, start_step=1,
                                      min_compression_rate=1.0).bind([(n, p) for (n, _), p in zip(params, ps)])
+    le.set_enabled(state, use_engine)
     g = torch.Generator().manual_seed(rank)
     report = {}
-    for t in range(1, 9):
-        buf = torch.randn(16 * 24 + 16, generator=g)
-        poison = {3: float("nan"), 5: float("inf")}.get(t)  # compressed steps
-        if t == 6:
-            poison = float("-inf")  # a refresh step (t = 2, 6)
-        if poison is not None and rank == 1:
-            buf[7] = poison
-        before = {k: v.clone() for k, v in state._param_tensors().get("w", {}).items()}  # none before step 1
-        state.reduce(buf, ps)
-        after = state._param_tensors()["w"]
-        report[t] = (state.phase(t), bool(torch.isfinite(buf).all()),
-                     all(torch.equal(before[k], after[k]) for k in before))
+    for t in range(1, 12):
+        bufs = [torch.randn(16 * 24 + 16, generator=g), torch.randn(16 * 24, generator=g)]
+        for bucket, pos, value in _POISON.get(t, []):
+            if rank == 1:
+                bufs[bucket][pos] = value
+        before = {f"{n}.{k}": v.clone() for n in ("w", "v") for k, v in state._param_tensors().get(n, {}).items()}
+        futs = [state.reduce_async(bufs[0], ps[:2], None, False), state.reduce_async(bufs[1], ps[2:], None, True)]
+        for f in futs:
+            f.wait()
+        after = {f"{n}.{k}": v for n in ("w", "v") for k, v in state._param_tensors().get(n, {}).items()}
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        report[t] = (state.phase(t), [bool(torch.isfinite(b).all()) for b in bufs], changed)
     return report, state.stats()["nonfinite_steps"]
 
 
-def test_nonfinite_gradients_pass_through_and_leave_state_untouched():
-    res = run_ranks(_nonfinite, 2)
+@pytest.mark.parametrize("use_engine", [False, True], ids=["python", "engine"])
+def test_nonfinite_gradients_pass_through_and_leave_state_untouched(use_engine):
+    import lorecomm.engine as le
+
+    if use_engine and not le.available():
+        pytest.skip(f"engine: {le.unavailable_reason()}")
+    res = run_ranks(_nonfinite, 2, use_engine)
     for rank in range(2):
         report, skipped = res[rank]
-        for t in (3, 5, 6):
-            phase, finite, unchanged = report[t]
-            assert not finite, f"step {t} ({phase}): the non-finite gradient must reach the optimizer on every rank"
-            assert unchanged, f"step {t} ({phase}): error buffer or basis changed on a non-finite step"
-        assert report[6][0] == "refresh" and report[3][0] == "compressed"
-        for t in (4, 7, 8):
-            assert report[t][1], f"step {t}: training must recover after a skipped step"
-        assert skipped == 3
+        assert [report[t][0] for t in (3, 6, 8, 10)] == ["compressed", "refresh", "compressed", "refresh"]
+        for t, poison in _POISON.items():
+            phase, finite, changed = report[t]
+            for bucket, _, _ in poison:
+                assert not finite[bucket], \
+                    f"step {t} ({phase}): the non-finite gradient must reach the optimizer on every rank"
+            bad = {n for bucket, _, _ in poison for n in (("w",) if bucket == 0 else ("v",))}
+            hit = {k for k in changed if k.split(".")[0] in bad}
+            assert not hit, f"step {t} ({phase}): state of a non-finite bucket changed: {hit}"
+        for t in (4, 7, 9, 11):
+            assert all(report[t][1]), f"step {t}: training must recover after a skipped step"
+            assert report[t][2], f"step {t}: the state must update again"
+        assert skipped == len(_POISON), "nonfinite_steps counts steps, not buckets"
 
 
 # --- basis identity ----------------------------------------------------------------

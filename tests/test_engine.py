@@ -125,7 +125,9 @@ def _equality_worker(rank, world, cfg):
     dict(state=dict(probes="sketch", sketch_size=3), dtype=torch.float32, steps=6),
     dict(state=dict(probes="paper", error_feedback=False), dtype=torch.bfloat16, steps=5),
     dict(state=dict(probes="sketch"), dtype=torch.float32, steps=5, nan_step=4),
-], ids=["paper-fp32", "sketch-fp32", "noef-bf16", "nonfinite"])
+    dict(state=dict(selection="fixed"), dtype=torch.float32, steps=6),
+    dict(state=dict(selection="random"), dtype=torch.float16, steps=6, nan_step=5),
+], ids=["paper-fp32", "sketch-fp32", "noef-bf16", "nonfinite", "fixed-fp32", "random-fp16"])
 def test_engine_equals_python_path(cfg):
     from distributed import run_ranks
 
@@ -136,6 +138,49 @@ def test_engine_equals_python_path(cfg):
     assert s0["steps_by_phase"]["compressed"] >= 2 and s0["steps_by_phase"]["refresh"] >= 1
     if cfg.get("nan_step") is not None:
         assert s0["nonfinite_steps"] == 1
+
+
+# ------------------------------------------ basis repair on the engine's refresh
+def _engine_repair_worker(rank, world):
+    import lorecomm
+    import lorecomm.engine as le
+
+    if rank == 1:  # this rank's eigensolver "disagrees" in the last bits, inside the engine's op call
+        lib = torch.library.Library("lorecomm", "IMPL")
+
+        def perturbed(H):
+            h = H.double().nan_to_num(0.0, 0.0, 0.0)
+            return (torch.linalg.eigh(h @ h.mT).eigenvectors.flip(-1) * (1 + 1e-6)).float()
+
+        lib.impl("refresh_basis", perturbed, "CPU")
+    params = [("w", (16, 24)), ("v", (16, 24))]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in params]
+    state = lorecomm.GreedyLoreState(rank=3, update_interval=3, start_step=1,
+                                     min_compression_rate=1.0).bind([(n, p) for (n, _), p in zip(params, ps)])
+    le.set_enabled(state, True)
+    g = torch.Generator().manual_seed(0)
+    sent = []
+    for t in range(1, 6):
+        before = state.stats()["bytes_sent"]
+        le.reduce_async(state, torch.randn(2 * 16 * 24, generator=g) + rank, ps).wait()
+        sent.append(state.stats()["bytes_sent"] - before)
+    U = torch.stack([state._param_tensors()[n]["U"] for n in ("w", "v")])
+    return U, state.stats()["basis_repairs"], sent, le.engine_for(state).jobs_done
+
+
+@needs_engine
+def test_engine_refresh_detects_and_repairs_a_differing_basis():
+    from distributed import run_ranks
+
+    res = run_ranks(_engine_repair_worker, 2)
+    assert torch.equal(res[0][0], res[1][0]), "bases differ after the engine's refresh"
+    numel = 2 * 16 * 24
+    for U, repairs, sent, jobs in res:
+        assert jobs == 5, "every step ran on the engine"
+        # refreshes at t = 2 and 5, each repairing the one batch (two same-shape matrices)
+        assert repairs == 2
+        assert sent[1] == sent[4] == 4 * numel + 2 * 2 * 8 + 2 * 16 * 16 * 4  # refresh + checksums + broadcast
+        assert sent[0] == 4 * numel  # warm-up
 
 
 # ------------------------------------------------------- DDP + overlap (CPU)
@@ -211,8 +256,8 @@ def _dead_peer_worker(rank, world, port, q):
     le.set_enabled(state, True)
     params = list(model.parameters())
     buf = torch.randn(sum(p.numel() for p in params))
-    le.reduce_async(state, buf, params).wait()  # step 1 (refresh, Python path) on both ranks
-    le.reduce_async(state, buf, params).wait()  # step 2 (compressed, engine) on both ranks
+    le.reduce_async(state, buf, params).wait()  # step 1 (refresh) on both ranks
+    le.reduce_async(state, buf, params).wait()  # step 2 (compressed) on both ranks
     if rank == 1:
         os._exit(0)  # the peer dies without a word
     time.sleep(0.5)

@@ -51,15 +51,14 @@ def _train(rank, lore):
     return dict(params=flat, stats=state.stats() if state else None, calls=calls, norms=norms)
 
 
-def _refusal():
+def _refusal(extra_cfg):
     import deepspeed
 
     from lorecomm.integrations import deepspeed as lore_deepspeed
 
     model = torch.nn.Linear(8, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
-           "zero_allow_untested_optimizer": True}
+    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True, **extra_cfg}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     try:
         lore_deepspeed.register(engine, rank=4)
@@ -75,7 +74,9 @@ def _worker(rank, world_size):
 
     lore_deepspeed.skip_cpu_shm_op()  # no JIT build of DeepSpeed's CPU shm op in tests
     deepspeed.init_distributed(dist_backend="gloo")
-    return dict(dense=_train(rank, None), exact=_train(rank, EXACT), low=_train(rank, LOW), refused=_refusal())
+    refused = [_refusal({"zero_optimization": {"stage": 1}}),
+               _refusal({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}})]  # loss-scaled grads
+    return dict(dense=_train(rank, None), exact=_train(rank, EXACT), low=_train(rank, LOW), refused=refused)
 
 
 def test_deepspeed_greedylore_two_ranks():
@@ -98,4 +99,6 @@ def test_deepspeed_greedylore_two_ranks():
     assert r["low"]["stats"]["bytes_by_phase"]["compressed"] < r["exact"]["stats"]["bytes_by_phase"]["compressed"]
     for key in ("dense", "exact", "low"):
         assert torch.equal(results[0][key]["params"], results[1][key]["params"])
-    assert r["refused"] is not None and "ZeRO stage 1" in r["refused"]
+    zero1, fp16_autocast = r["refused"]
+    assert zero1 is not None and "ZeRO stage 1" in zero1
+    assert fp16_autocast is not None and "GradScaler" in fp16_autocast

@@ -245,6 +245,33 @@ def test_decompress_contiguous_out_exact_rounding():
     assert torch.equal(out, ref32.to(torch.bfloat16))  # round-to-nearest-even of the fp32 result
 
 
+# ------------------------------------------------------------- refresh_basis
+@pytest.mark.parametrize("B,a,b", [(1, 1, 5), (3, 6, 11), (2, 17, 40), (1, 8, 8)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_refresh_basis_is_the_left_singular_basis(B, a, b, layout):
+    gen = torch.Generator().manual_seed(a * b)
+    # distinct singular values, so the basis is unique up to column signs
+    H64 = torch.linalg.qr(torch.randn(B, a, a, generator=gen, dtype=torch.float64))[0] @ \
+        torch.diag_embed(torch.linspace(3.0, 0.5, a, dtype=torch.float64).expand(B, a)) @ \
+        torch.linalg.qr(torch.randn(B, b, a, generator=gen, dtype=torch.float64))[0].mT
+    H = _matrix(B, a, b, torch.float32, layout, gen)
+    H.copy_(H64)
+    U = ops.refresh_basis(H)
+    assert U.dtype == torch.float32 and U.shape == (B, a, a)
+    ref = torch.linalg.svd(H.double()).U  # float64 reference, descending singular values
+    # canonical signs: each column's largest-magnitude entry is positive
+    assert (U.gather(1, U.abs().argmax(1, keepdim=True)) > 0).all()
+    signs = torch.sign((U.double() * ref).sum(1, keepdim=True))
+    _close(U, ref * signs, rel=1e-5)
+    _close(U.mT @ U, torch.eye(a, dtype=torch.float64).expand(B, a, a), rel=1e-5)
+
+
+def test_refresh_basis_nonfinite_entries_read_as_zero():
+    H = torch.tensor([[[3.0, float("nan"), 0.0], [0.0, float("inf"), 1.0]]])
+    U = ops.refresh_basis(H)
+    torch.testing.assert_close(U, torch.eye(2)[None])  # the basis of [[3, 0, 0], [0, 0, 1]]
+
+
 # ------------------------------------------------------------------- opcheck
 def _opcheck_cases():
     gen = torch.Generator().manual_seed(0)
@@ -264,6 +291,7 @@ def _opcheck_cases():
         "project_residual": (G, E, P, R, torch.tensor(True)),
         "project_residual_not_ok": (G, E, P, R, torch.tensor(False)),
         "decompress": (P, torch.randn(B, r, b, generator=gen), out),
+        "refresh_basis": (G,),
     }
 
 
@@ -285,6 +313,7 @@ def test_fake_shapes():
         assert lc.score_paper(G, E, U, keys).shape == (3, 4)
         assert lc.score_sketch(G, E, U, keys, 5).shape == (3, 4, 5)
         assert lc.probe_normal(keys, 2, 7).shape == (3, 2, 7)
+        assert lc.refresh_basis(G).shape == (3, 4, 4)
 
 
 def test_backend_info():

@@ -105,13 +105,20 @@ def plot_ddp(results, path, title):
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    # one colour per method, one line style per optimizer: every run stays distinguishable
+    methods = list(dict.fromkeys(r["label"].split("/")[0] for r in results["runs"]))
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    styles = {"adamw": "-", "sgdm": "--"}
     for r in results["runs"]:
+        method, _, opt = r["label"].partition("/")
+        color = palette(methods.index(method) % palette.N)
+        ls = styles.get(opt, ":")
         sm = smooth(r["losses"], 10)
         steps = list(range(1, len(sm) + 1))
-        line, = axes[0].plot(steps, sm, label=r["label"], lw=1.2)
-        axes[1].plot([b / 1e6 for b in r["cum_bytes"]], sm, color=line.get_color(), lw=1.2, label=r["label"])
+        axes[0].plot(steps, sm, label=r["label"], lw=1.2, color=color, ls=ls)
+        axes[1].plot([b / 1e6 for b in r["cum_bytes"]], sm, color=color, ls=ls, lw=1.2, label=r["label"])
         es = [e["step"] for e in r["evals"]]
-        axes[0].plot(es, [e["val_loss"] for e in r["evals"]], "o", ms=3, color=line.get_color())
+        axes[0].plot(es, [e["val_loss"] for e in r["evals"]], "o", ms=3, color=color)
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("train loss (10-step mean); dots: validation")
     axes[1].set_xlabel("MB sent per rank (cumulative)")

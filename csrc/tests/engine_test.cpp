@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <set>
 #include <string>
 #include <thread>
@@ -56,6 +57,15 @@ void project_residual(const at::Tensor& G, const at::Tensor& E, const at::Tensor
 void decompress(const at::Tensor& P, const at::Tensor& Rbar, const at::Tensor& out) {
   out.copy_(at::matmul(P, Rbar));
 }
+// the next refresh_basis call (whichever rank's) perturbs its result in the last bits
+std::atomic<bool> perturb_next_basis{false};
+at::Tensor refresh_basis(const at::Tensor& H) {
+  auto h = H.to(at::kDouble);
+  auto eye = at::eye(H.size(1), at::kDouble);
+  auto U = std::get<0>(at::linalg_qr(at::matmul(h, h.transpose(-1, -2)) + eye)).to(at::kFloat);
+  if (perturb_next_basis.exchange(false)) U.mul_(1 + 1e-6);
+  return U;
+}
 }  // namespace
 
 TORCH_LIBRARY(lorecomm, m) {
@@ -63,12 +73,14 @@ TORCH_LIBRARY(lorecomm, m) {
   m.def("score_sketch(Tensor G, Tensor E, Tensor U, Tensor keys, int k) -> Tensor");
   m.def("project_residual(Tensor G, Tensor(a!) E, Tensor P, Tensor(b!) R, Tensor ok) -> ()");
   m.def("decompress(Tensor P, Tensor Rbar, Tensor(a!) out) -> ()");
+  m.def("refresh_basis(Tensor H) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lorecomm, CPU, m) {
   m.impl("score_paper", &score_paper);
   m.impl("score_sketch", &score_sketch);
   m.impl("project_residual", &project_residual);
   m.impl("decompress", &decompress);
+  m.impl("refresh_basis", &refresh_basis);
 }
 
 // --------------------------------------------------- in-process thread world
@@ -86,16 +98,22 @@ struct ThreadWorld {
   std::atomic<int64_t> collectives{0};
   std::function<void(int)> before_collective;  // test hook: delay a rank
 
-  void all_reduce(int rank, at::Tensor& t) {
+  // kind: "sum", "max" (all-reduce) or "bcast" (from rank 0)
+  void all_reduce(int rank, at::Tensor& t, const std::string& kind = "sum") {
     if (before_collective) before_collective(rank);
     std::unique_lock<std::mutex> g(mu);
     if (dead.count(rank)) throw std::runtime_error("ThreadWorld: this rank is dead");
     const int64_t my_gen = gen;
     bufs[rank] = t;
     if (++arrived == n) {
-      at::Tensor sum = bufs[0].clone();
-      for (int r = 1; r < n; ++r) sum.add_(bufs[r]);  // fixed order: identical on every rank
-      result = sum;
+      at::Tensor acc = bufs[0].clone();
+      for (int r = 1; r < n && kind != "bcast"; ++r) {  // fixed order: identical on every rank
+        if (kind == "max")
+          acc = at::maximum(acc, bufs[r]);
+        else
+          acc.add_(bufs[r]);
+      }
+      result = acc;
       arrived = 0;
       ++gen;
       ++collectives;
@@ -121,10 +139,19 @@ struct DoneWork : c10d::Work {
 struct ThreadBackend : c10d::Backend {
   ThreadBackend(std::shared_ptr<ThreadWorld> w, int rank) : c10d::Backend(rank, w->n), world(std::move(w)) {}
   const std::string getBackendName() const override { return "thread-world"; }
-  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& ts, const c10d::AllreduceOptions&) override {
-    world->all_reduce(getRank(), ts.at(0));
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& ts, const c10d::AllreduceOptions& o) override {
+    TORCH_CHECK(o.reduceOp == c10d::ReduceOp::SUM || o.reduceOp == c10d::ReduceOp::MAX, "ThreadWorld: SUM or MAX");
+    world->all_reduce(getRank(), ts.at(0), o.reduceOp == c10d::ReduceOp::MAX ? "max" : "sum");
+    ++ops[o.reduceOp == c10d::ReduceOp::MAX ? "max" : "sum"];
     return c10::make_intrusive<DoneWork>();
   }
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& ts, const c10d::BroadcastOptions& o) override {
+    TORCH_CHECK(o.rootRank == 0, "ThreadWorld: broadcast from rank 0 only");
+    world->all_reduce(getRank(), ts.at(0), "bcast");
+    ++ops["bcast"];
+    return c10::make_intrusive<DoneWork>();
+  }
+  std::map<std::string, int> ops;  // collectives this rank issued, by kind
   std::shared_ptr<ThreadWorld> world;
 };
 
@@ -310,6 +337,95 @@ void test_nonfinite_step_is_poisoned() {
   }
 }
 
+// A refresh: mean of G + E, a new basis per batch, E = 0, checksums; a basis that
+// differs on one rank is broadcast from rank 0.
+void test_refresh(bool perturb) {
+  const int N = 2;
+  auto w = std::make_shared<ThreadWorld>(N, 5000ms);
+  std::vector<Bucket> bk{make_bucket(0, 2), make_bucket(1, 2)};
+  std::vector<at::Tensor> expect_mean(1), oks(N), repairs(N);
+  // expected: the mean of G + E (E = 0.5 on every rank)
+  for (auto& b : bk)
+    for (auto& s : b.batches) s.E.fill_(0.5);
+  at::Tensor mean = at::zeros_like(bk[0].buffer);
+  for (int r = 0; r < N; ++r) {
+    at::Tensor h = bk[r].buffer.clone();
+    for (auto& s : bk[r].batches)
+      h.as_strided(s.G.sizes(), s.G.strides(), s.G.storage_offset()).add_(s.E);
+    mean.add_(h.div_(N));
+  }
+  perturb_next_basis = perturb;
+  std::vector<std::map<std::string, int>> ops(N);
+  on_ranks(N, [&](int r) {
+    auto pg = make_pg(w, r);
+    Engine e(pg);
+    Job j;
+    j.phase = Phase::Refresh;
+    j.buffer = bk[r].buffer;
+    j.batches = bk[r].batches;
+    oks[r] = at::empty({}, at::kBool);
+    repairs[r] = at::full({2}, -1, at::kLong);
+    j.ok_out = oks[r];
+    j.repairs_out = repairs[r];
+    auto f = e.submit(std::move(j));
+    EXPECT(error_of(f).empty(), error_of(f));
+    ops[r] = static_cast<ThreadBackend*>(pg->getDefaultBackend().get())->ops;
+  });
+  for (int r = 0; r < N; ++r) {
+    EXPECT(at::allclose(bk[r].buffer, mean, 1e-6, 1e-6), "rank " << r << ": bucket is not the mean of G + E");
+    EXPECT(oks[r].item<bool>(), "ok flag");
+    for (size_t i = 0; i < bk[r].batches.size(); ++i) {
+      const auto& s = bk[r].batches[i];
+      EXPECT(at::equal(s.E, at::zeros_like(s.E)), "E must be reset");
+      EXPECT(at::equal(s.U, bk[0].batches[i].U), "rank " << r << ": basis " << i << " differs from rank 0's");
+      at::Tensor hbar = mean.as_strided(s.G.sizes(), s.G.strides(), s.G.storage_offset());
+      if (!perturb) EXPECT(at::equal(s.U, refresh_basis(hbar)), "basis " << i << " is not refresh_basis(mean)");
+    }
+    // checksums: one MAX all-reduce; a repair broadcasts only the batch that differed (the first one called)
+    const int64_t want_repairs = perturb ? 1 : 0;
+    EXPECT(repairs[r].sum().item<int64_t>() == want_repairs, "repairs " << repairs[r]);
+    EXPECT(ops[r]["max"] == 1 && ops[r]["sum"] == 1 && ops[r]["bcast"] == want_repairs,
+           "collectives: sum " << ops[r]["sum"] << " max " << ops[r]["max"] << " bcast " << ops[r]["bcast"]);
+  }
+}
+
+// Given selections (the fixed / random ablations): no scores, one-float finite flag, then as greedy.
+void test_given_selection() {
+  const int N = 2;
+  auto w = std::make_shared<ThreadWorld>(N, 5000ms);
+  std::vector<Bucket> bk{make_bucket(0, 5), make_bucket(1, 5)};
+  std::vector<at::Tensor> in(N);
+  for (int r = 0; r < N; ++r) in[r] = bk[r].buffer.clone();
+  std::vector<std::map<std::string, int>> ops(N);
+  on_ranks(N, [&](int r) {
+    auto pg = make_pg(w, r);
+    Engine e(pg);
+    Job j;
+    j.phase = Phase::Compressed;
+    j.buffer = bk[r].buffer;
+    j.batches = bk[r].batches;
+    for (auto& s : j.batches) s.picks = at::tensor({3, 0}, at::kLong).expand({s.G.size(0), 2});
+    j.dense_ranges = bk[r].dense;
+    auto f = e.submit(std::move(j));
+    EXPECT(error_of(f).empty(), error_of(f));
+    ops[r] = static_cast<ThreadBackend*>(pg->getDefaultBackend().get())->ops;
+  });
+  // reference: R = P^T G (E = 0), mean over ranks, G = P Rbar
+  for (size_t i = 0; i < bk[0].batches.size(); ++i) {
+    const auto& s = bk[0].batches[i];
+    at::Tensor P = s.U.index_select(2, at::tensor({3, 0}, at::kLong));
+    at::Tensor Rbar = at::zeros({s.G.size(0), 2, s.G.size(2)});
+    for (int r = 0; r < N; ++r) {
+      const auto& G = bk[r].batches[i].G;
+      at::Tensor G0 = in[r].as_strided(G.sizes(), G.strides(), G.storage_offset());
+      Rbar.add_(at::matmul(P.transpose(-1, -2), G0) / N);
+    }
+    EXPECT(at::allclose(s.G, at::matmul(P, Rbar), 1e-5, 1e-5), "batch " << i << " is not P Rbar");
+  }
+  EXPECT(at::equal(bk[0].buffer, bk[1].buffer), "ranks disagree");
+  EXPECT(ops[0]["sum"] == 2 && ops[0].count("max") == 0, "flag + factor all-reduces, no scores");
+}
+
 void test_async_and_ordered() {
   // submit returns at once; jobs run in order; the worker is busy while the caller goes on
   auto w = std::make_shared<ThreadWorld>(2, 5000ms);
@@ -468,6 +584,9 @@ int main() {
       {"compressed_sketch_matches_reference", [] { test_compressed_matches_reference(3, true); }},
       {"compressed_no_error_feedback", [] { test_compressed_matches_reference(0, false); }},
       {"nonfinite_step_is_poisoned", test_nonfinite_step_is_poisoned},
+      {"refresh_matches_reference", [] { test_refresh(false); }},
+      {"refresh_repairs_a_differing_basis", [] { test_refresh(true); }},
+      {"given_selection", test_given_selection},
       {"async_and_ordered", test_async_and_ordered},
       {"bad_tensor_errors_future", test_bad_tensor_errors_future},
       {"dead_peer_errors_within_timeout", test_dead_peer_errors_within_timeout},

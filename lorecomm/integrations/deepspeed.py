@@ -156,7 +156,12 @@ def register(engine, state=None, **config):
         raise NotImplementedError(
             "fp16/bf16 DeepSpeed engines are not supported: their optimizers reduce internal fp32 accumulation "
             "buffers instead of the parameters' gradients, and fp16 loss scaling would store scaled gradients in "
-            "the error-feedback buffer; use an fp32 engine (torch.autocast inside the model is fine)")
+            "the error-feedback buffer; use an fp32 engine (bf16 torch.autocast inside the model is fine)")
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        raise NotImplementedError(
+            "DeepSpeed's fp16 torch_autocast runs a GradScaler on ZeRO-0: the gradients lorecomm would compress "
+            "are loss-scaled (unscaled only in step()), so the error-feedback buffer would mix scales and keep "
+            "the values of steps the scaler skips; use bf16 torch_autocast or fp32")
     if engine.pipeline_parallelism:
         raise NotImplementedError("DeepSpeed pipeline parallelism is not supported by lorecomm.integrations.deepspeed")
     if getattr(engine, "sequence_parallel_size", 1) != 1:
