@@ -6,6 +6,7 @@
 import torch
 from accelerate import Accelerator
 
+import lorecomm.engine
 from lorecomm.integrations import accelerate as lore_accelerate
 
 
@@ -35,6 +36,11 @@ def main():
     if accelerator.is_main_process and state is not None:
         st = state.stats()
         print({k: st[k] for k in ("steps", "calls", "compression_ratio", "steps_by_phase")})
+    # stop lorecomm's engine before the process group goes: no Gloo threads left at interpreter exit
+    lorecomm.engine.shutdown_all()
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

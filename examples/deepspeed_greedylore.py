@@ -9,6 +9,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+import lorecomm.engine
 from lorecomm.integrations import deepspeed as lore_deepspeed
 
 
@@ -42,6 +43,9 @@ def main():
     if dist.get_rank() == 0:
         st = state.stats()
         print({k: st[k] for k in ("steps", "calls", "compression_ratio", "steps_by_phase")})
+    # stop lorecomm's engine before the process group goes: no Gloo threads left at interpreter exit
+    lorecomm.engine.shutdown_all()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer import TransformerConfig
 
+import lorecomm.engine
 from lorecomm.integrations import megatron as lore_megatron
 
 
@@ -51,6 +52,8 @@ def main():
     if dist.get_rank() == 0:
         st = state.stats()
         print({k: st[k] for k in ("steps", "calls", "compression_ratio", "steps_by_phase")})
+    # stop lorecomm's engine before the process group goes: no Gloo threads left at interpreter exit
+    lorecomm.engine.shutdown_all()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

@@ -340,6 +340,13 @@ class CommState:
         if sd["config"] != self.config():
             diff = {k: (sd["config"].get(k), v) for k, v in self.config().items() if sd["config"].get(k) != v}
             raise ValueError(f"state_dict config differs from this state's (saved, current): {diff}")
+        if self._params:  # bound: every saved parameter must exist, or its state would silently vanish
+            known = {name for _, name in self._params.values()}
+            unknown = sorted(set(sd["params"]) - known)
+            if unknown:
+                raise ValueError(
+                    f"state_dict holds state for {len(unknown)} parameter(s) this model does not have "
+                    f"(e.g. {', '.join(unknown[:3])}): it was saved from a different model")
         self.step = sd["step"]
         c = sd["counters"]
         self._calls, self._bytes_sent, self._bytes_dense = c["calls"], c["bytes_sent"], c["bytes_dense"]

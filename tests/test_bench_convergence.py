@@ -74,10 +74,10 @@ def test_compare_help_documents_options():
 
 @pytest.mark.skipif(not HAS_SK, reason="digits workloads need scikit-learn (bench extra)")
 def test_run_all_quick_writes_report(tmp_path):
-    _run(["bench/convergence/run_all.py", "--quick", "--no-progress", "--out", str(tmp_path),
-          "--only", "digits,ft,quad,speed"])
+    _run(["bench/convergence/run_all.py", "--quick", "--no-progress", "--out", str(tmp_path)])
     md = (tmp_path / "convergence_quick.md").read_text()
-    for s in ("Residual CNN", "Fine-tuning", "Noisy quadratics", "Linear speedup", "## Claims",
+    for s in ("Language model", "Residual CNN", "Fine-tuning", "Noisy quadratics", "Linear speedup", "## Claims",
+              "energy kept by greedy top-r", "effective dimension tr(H)/lambda_max",
               "| run |", "bytes/step", "compression", "val acc", "iters to target", "steps to target",
               "python bench/convergence/run_all.py --quick"):
         assert s in md, s
@@ -87,6 +87,10 @@ def test_run_all_quick_writes_report(tmp_path):
     assert "| dense/sgdm |" in md.split("## 3. Fine-tuning")[1].split("## 4.")[0]
     assert "greedy-noef/sgdm" in md and "fine-tune sgdm" in md
     assert "(extra row: vs PowerSGD only" in md
+    assert "| randk/sgdm |" in md.split("## 1.")[1].split("## 2.")[0]  # LM under momentum SGD
     if HAS_MPL:
-        for f in ("digits", "ft", "quadratics", "speedup"):
+        for f in ("lm", "digits", "ft", "quadratics", "speedup"):
             assert (tmp_path / f"convergence_quick_{f}.png").exists()
+    # the report re-renders from the saved raw results, identically
+    again = _run(["bench/convergence/run_all.py", "--quick", "--report-only", "--out", str(tmp_path)])
+    assert again.strip() == md.strip()

@@ -100,6 +100,36 @@ def test_half_precision_buckets(dtype):
     assert res[0][1]["steps_by_phase"]["compressed"] >= 3
 
 
+def _half_vs_fp32(rank, world, dtype):
+    """The same gradients (representable in dtype) through a dtype bucket and an fp32 bucket."""
+    params = [("w", (16, 24)), ("b", (16,))]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in params]
+    named = [(n, p) for (n, _), p in zip(params, ps)]
+    kw = dict(rank=3, update_interval=3, start_step=1, min_compression_rate=1.0)
+    half, full = lorecomm.GreedyLoreState(**kw).bind(named), lorecomm.GreedyLoreState(**kw).bind(named)
+    g = torch.Generator().manual_seed(rank)
+    out = []
+    for t in range(1, 8):
+        bh = torch.randn(16 * 24 + 16, generator=g).to(dtype)
+        bf = bh.float()
+        half.reduce(bh, ps)
+        full.reduce(bf, ps)
+        out.append((half.phase(t), bh, bf, half._param_tensors()["w"]["E"].clone(), full._param_tensors()["w"]["E"].clone()))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_bucket_is_the_fp32_result_rounded(dtype):
+    for phase, bh, bf, eh, ef in run_ranks(_half_vs_fp32, 2, dtype)[0]:
+        assert eh.dtype == torch.float32, "error buffers are fp32 whatever the bucket dtype"
+        if phase == "dense":  # warm-up: DDP's own all-reduce in the bucket dtype
+            torch.testing.assert_close(bh.float(), bf, rtol=1e-2, atol=1e-2)
+            continue
+        # refresh and compressed steps compute in fp32 and round once into the bucket
+        assert torch.equal(bh, bf.to(dtype)), f"{phase}: the {dtype} bucket is not the fp32 result rounded"
+        assert torch.equal(eh, ef), f"{phase}: error buffers differ between the {dtype} and fp32 buckets"
+
+
 # --- NaN / Inf -------------------------------------------------------------------
 # Two buckets per step: [w (compressed) | b (dense leftover)] and [v (compressed)].
 # (step, bucket, position) of the non-finite values rank 1 puts in:
@@ -179,7 +209,13 @@ def _perturbed_basis(rank, world):
         if t == 2:
             refresh_bytes = state.stats()["bytes_sent"] - bytes_before_refresh
     U = torch.stack([state._param_tensors()[n]["U"] for n in ("w", "v")])
-    return U, state.stats()["basis_repairs"], refresh_bytes
+    repairs = state.stats()["basis_repairs"]
+    # on demand: a basis that drifted on one rank between refreshes is found and repaired
+    if rank == 1:
+        state._param_tensors()["v"]["U"][0, 0] += 1e-3
+    on_demand = (state.check_consistency(), state.check_consistency())
+    U_after = torch.stack([state._param_tensors()[n]["U"] for n in ("w", "v")])
+    return U, repairs, refresh_bytes, on_demand, U_after
 
 
 def test_perturbed_basis_is_detected_and_repaired():
@@ -187,6 +223,9 @@ def test_perturbed_basis_is_detected_and_repaired():
     assert torch.equal(res[0][0], res[1][0]), "bases differ after the consistency check"
     # refreshes at t = 2 and 5; each time the one batch (two same-shape matrices) is repaired
     assert res[0][1] == 2 and res[1][1] == 2
+    # check_consistency(): one repair, then nothing left to repair; rank 0's basis wins
+    assert res[0][3] == res[1][3] == (1, 0)
+    assert torch.equal(res[0][4], res[1][4]) and torch.equal(res[0][4], res[0][0])
     numel = 2 * 16 * 24
     assert res[0][2] == 4 * numel + 2 * 2 * 8 + 2 * 16 * 16 * 4  # refresh + checksums + broadcast
 
@@ -236,6 +275,25 @@ def _world_size_change(rank, world, path):
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+def _other_model(rank, world, path):
+    ps = [torch.nn.Parameter(torch.zeros(16, 24))]
+    saved = lorecomm.GreedyLoreState(rank=2).bind([("w", ps[0])])
+    saved.reduce(torch.randn(16 * 24), ps)
+    sd = saved.state_dict()
+    other = lorecomm.GreedyLoreState(rank=2).bind([("encoder.w", torch.nn.Parameter(torch.zeros(16, 24)))])
+    try:
+        other.load_state_dict(sd)
+    except ValueError as e:
+        return str(e), other.step
+    return "no error", other.step
+
+
+def test_loading_another_models_state_fails_clearly():
+    msg, step = run_ranks(_other_model, 1, None)[0]
+    assert "1 parameter(s) this model does not have" in msg and "w" in msg, msg
+    assert step == 0, "a refused load must leave the state untouched"
 
 
 def test_loading_with_another_world_size_fails_clearly():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every convergence workload of issue 5 and write bench/results/convergence.md + PNGs.
 
-    python bench/convergence/run_all.py            # full (about 25 min on 2 shared cores)
+    python bench/convergence/run_all.py            # full (about 13 min on 2 shared cores)
     python bench/convergence/run_all.py --quick    # tiny sizes, a smoke test (~1-2 min)
 
 Workloads: (1) byte-level LLaMA LM on stdlib sources, 2 real Gloo ranks; (2) residual CNN on
