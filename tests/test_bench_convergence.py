@@ -88,6 +88,8 @@ def test_run_all_quick_writes_report(tmp_path):
     assert "greedy-noef/sgdm" in md and "fine-tune sgdm" in md
     assert "(extra row: vs PowerSGD only" in md
     assert "| randk/sgdm |" in md.split("## 1.")[1].split("## 2.")[0]  # LM under momentum SGD
+    quad = md.split("## 4.")[1].split("## 5.")[0]
+    assert "Under momentum SGD" in quad and "| lowrank | greedylore/adamw |" in quad
     if HAS_MPL:
         for f in ("lm", "digits", "ft", "quadratics", "speedup"):
             assert (tmp_path / f"convergence_quick_{f}.png").exists()

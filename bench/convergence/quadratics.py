@@ -13,9 +13,11 @@ The smallest non-zero eigenvalue is about the same in all three (0.03-0.05), so 
 a similar number of iterations; what differs is tr(H) / lambda_max (k, ~ln a, ~a/3), the quantity
 the randomized compressors' penalty depends on.
 
-Measured: iterations until f(W) <= target * f(W_0), for plain SGD -- no momentum, no AdamW: the
-setting of arXiv 2411.12898, deliberately kept here -- with the step size picked per method from one
-fixed grid (the same grid for every method; the best step size is reported). Compressors come from ``lorecomm.simulate``.
+Measured: iterations until f(W) <= target * f(W_0), for plain SGD (the setting of arXiv
+2411.12898's analysis, which the claims use), and again under momentum SGD (heavy ball, 0.9) and
+AdamW (Adam moments 0.9/0.999, eps 1e-8; no weight decay on a quadratic whose optimum is 0), each
+with the step size picked per method from one fixed grid per optimizer (the same grid for every
+method; the best step size is reported). Compressors come from ``lorecomm.simulate``.
 PowerSGD (``SimulatedPowerSGD``: warm-started power iteration with error feedback, as torch's hook)
 runs at the same rank r and with the same min_compression_rate as GreedyLore (MIN_RATE), so both
 compress the same matrix; here that is the single matrix W for both.
@@ -87,8 +89,19 @@ def make_compressor(method, N, shape, rank, tau, seed=0):
     raise ValueError(method)
 
 
-def run_sgd(prob, method, N, lr, steps, rank, tau, target, seed=0, record=False, cutoff=None):
-    """Returns dict(iters to target or None, final rel loss, curve, bytes/step)."""
+OPTIMIZERS = ("sgd", "sgdm", "adamw")
+
+
+def run_sgd(prob, method, N, lr, steps, rank, tau, target, seed=0, record=False, cutoff=None, opt="sgd"):
+    """Returns dict(iters to target or None, final rel loss, curve, bytes/step).
+
+    ``opt``: "sgd" (W -= lr g), "sgdm" (heavy ball, momentum 0.9) or "adamw" (Adam moments, no
+    weight decay), all on the averaged (reconstructed) gradient g.
+    """
+    if opt not in OPTIMIZERS:
+        raise ValueError(f"opt must be one of {OPTIMIZERS}, got {opt!r}")
+    m = torch.zeros(prob.a, prob.b, dtype=torch.float64)
+    v = torch.zeros(prob.a, prob.b, dtype=torch.float64)
     comp = make_compressor(method, N, (prob.a, prob.b), rank, tau, seed)
     gen = torch.Generator().manual_seed(1000 + seed)
     W = prob.W0.clone()
@@ -101,7 +114,15 @@ def run_sgd(prob, method, N, lr, steps, rank, tau, target, seed=0, record=False,
             g = sum(x[0] for x in gs) / N
         else:
             g = comp.step(gs)[0]
-        W = W - lr * g
+        if opt == "sgd":
+            W = W - lr * g
+        elif opt == "sgdm":
+            m = 0.9 * m + g
+            W = W - lr * m
+        else:
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            W = W - lr * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
         rel = prob.loss(W) / f0
         if not math.isfinite(rel) or rel > 1e3:
             curve.append(float("inf"))
@@ -117,12 +138,12 @@ def run_sgd(prob, method, N, lr, steps, rank, tau, target, seed=0, record=False,
     return {"iters": hit, "final": curve[-1], "curve": curve, "bytes_per_step": nbytes}
 
 
-def best_over_grid(prob, method, N, lrs, steps, rank, tau, target, seed=0):
+def best_over_grid(prob, method, N, lrs, steps, rank, tau, target, seed=0, opt="sgd"):
     """Largest step size first; a run stops once it cannot beat the best so far."""
     best = None
     for lr in sorted(lrs, reverse=True):
         cut = best[1]["iters"] if best is not None and best[1]["iters"] is not None else None
-        r = run_sgd(prob, method, N, lr, steps, rank, tau, target, seed, cutoff=cut)
+        r = run_sgd(prob, method, N, lr, steps, rank, tau, target, seed, cutoff=cut, opt=opt)
         r["lr"] = lr
         key = (r["iters"] if r["iters"] is not None else steps + 1, r["final"])
         if best is None or key < best[0]:
@@ -132,11 +153,16 @@ def best_over_grid(prob, method, N, lrs, steps, rank, tau, target, seed=0):
 
 def spectrum_experiment(methods=("dense", "randk", "haar", "gaussian", "greedylore", "powersgd"), a=32, b=64, rank=4,
                         N=4, sigma=0.3, target=0.05, steps=1500, tau=50, lrs=None, seed=0,
-                        ablations=("greedy-fixed", "greedy-random", "greedy-noef"), progress=None):
-    """Iterations to target per (spectrum, method); also loss curves at each method's best lr."""
+                        ablations=("greedy-fixed", "greedy-random", "greedy-noef"), progress=None,
+                        other_opts=None):
+    """Iterations to target per (spectrum, method) under plain SGD, with loss curves at each method's
+    best lr; ``other_opts`` {optimizer: step-size grid}: the same methods (no ablations) under
+    momentum SGD / AdamW, in ``out["other_opts"][opt][spectrum][method]``."""
     lrs = lrs or [2.0 ** -i for i in range(0, 8)]
+    other_opts = other_opts or {}
     out = {"config": dict(a=a, b=b, rank=rank, N=N, sigma=sigma, target=target, steps=steps, tau=tau,
-                          lrs=lrs, seed=seed), "results": {}}
+                          lrs=lrs, seed=seed, other_opts=other_opts), "results": {},
+           "other_opts": {o: {} for o in other_opts}}
     for kind in SPECTRA:
         prob = NQM(kind, a, b, sigma, seed)
         res = {}
@@ -149,6 +175,17 @@ def spectrum_experiment(methods=("dense", "randk", "haar", "gaussian", "greedylo
             if progress:
                 progress(f"quadratic {kind} {m}: iters={r['iters']} lr={r['lr']}")
         out["results"][kind] = {"lam": prob.lam.tolist(), "methods": res}
+        for o, grid in other_opts.items():
+            res_o = {}
+            for m in methods:
+                t0 = time.time()
+                r = best_over_grid(prob, m, N, grid, steps, rank, tau, target, seed, opt=o)
+                r.pop("curve", None)
+                r["wall_s"] = time.time() - t0
+                res_o[m] = r
+                if progress:
+                    progress(f"quadratic {kind} {m} ({o}): iters={r['iters']} lr={r['lr']}")
+            out["other_opts"][o][kind] = res_o
     return out
 
 
