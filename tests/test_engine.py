@@ -199,6 +199,7 @@ def _ddp_worker(rank, world):
 
         if use_engine:
             le.set_enabled(state, True)
+            le.trace = []  # every collective the engine is asked to run, in submission order
 
             def hook(st, bucket):
                 submits.append(time.monotonic())
@@ -225,6 +226,7 @@ def _ddp_worker(rank, world):
                 # the worker started bucket 0 before backward handed over the last bucket
                 overlapped.append(tl[0][2] < submits[-1])
         results[use_engine] = ([p.detach().clone() for p in model.parameters()], overlapped, state.stats())
+    results["trace"], le.trace = le.trace, None
     return results
 
 
@@ -242,6 +244,8 @@ def test_ddp_engine_hook_matches_and_overlaps():
         assert overlapped and sum(overlapped) * 2 > len(overlapped), f"no overlap observed: {overlapped}"
     for a, b in zip(r0[True][0], r1[True][0]):
         assert torch.equal(a, b)
+    # several buckets per step, every rank issues the same collectives in the same order
+    assert r0["trace"] == r1["trace"] and len(r0["trace"]) > 6 * 2
 
 
 # ----------------------------------------------------------- errors / hangs

@@ -1,0 +1,47 @@
+"""The integration examples run as documented (torchrun / Lightning's own launcher, 2 CPU ranks)
+and print the lorecomm stats line with compressed steps."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _installed(*mods: str) -> bool:
+    for m in mods:
+        top = m.split(".")[0]
+        if importlib.util.find_spec(top) is None or importlib.util.find_spec(m) is None:
+            return False
+    return True
+
+
+EXAMPLES = [
+    ("megatron_greedylore.py", ["--steps", "8", "--overlap"], True, ("megatron.core",)),
+    ("deepspeed_greedylore.py", ["--steps", "8"], True, ("deepspeed",)),
+    ("accelerate_greedylore.py", [], True, ("accelerate",)),
+    ("lightning_greedylore.py", [], False, ("lightning.pytorch",)),
+]
+
+
+@pytest.mark.parametrize("script, args, torchrun, needs", EXAMPLES, ids=[e[0].split("_")[0] for e in EXAMPLES])
+def test_example_runs(script, args, torchrun, needs):
+    if not _installed(*needs):
+        pytest.skip(f"{needs[0]} is not installed (pip install lorecomm[integrations])")
+    path = os.path.join(ROOT, "examples", script)
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+           if torchrun else [sys.executable])
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONWARNINGS="ignore")
+    p = subprocess.run([*cmd, path, *args], cwd=ROOT, capture_output=True, text=True, timeout=420, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{'steps'")]
+    assert lines, out[-4000:]
+    stats = ast.literal_eval(lines[-1])
+    assert stats["steps"] > 0 and stats["calls"] >= stats["steps"]
+    assert stats["steps_by_phase"].get("compressed", 0) > 0 and stats["compression_ratio"] > 1.0, stats
