@@ -146,12 +146,6 @@ def _keys(state, batch, t: int, device) -> torch.Tensor:
     return state._keys(batch, t, _SCORE_STREAM, device)
 
 
-def _completed(value) -> torch.futures.Future:
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(value)
-    return fut
-
-
 def reduce_async(state, buffer: torch.Tensor, params: Sequence[torch.Tensor], offsets=None,
                  is_last: bool = True):
     """``state.reduce_async`` through the engine; returns a future of ``buffer``.

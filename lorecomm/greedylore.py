@@ -211,7 +211,7 @@ class GreedyLoreState(CommState):
                 # stable descending sort: ties go to the lower index, on every rank alike
                 picks.append(torch.sort(energy, dim=-1, descending=True, stable=True).indices[:, :batch.rank])
             return picks, ok, sent
-        ok, sent = self._global_finite(plan, buffer)
+        ok, sent = self._global_finite(buffer)
         return self._given_picks(plan, t, dev), ok, sent
 
     def _given_picks(self, plan: BucketPlan, t: int, device) -> list[torch.Tensor]:

@@ -81,7 +81,7 @@ class RandomLinearState(CommState):
             return self._all_reduce_mean(buffer)
         t = self.step + 1
         dev = buffer.device
-        ok, sent = self._global_finite(plan, buffer)
+        ok, sent = self._global_finite(buffer)
         update_error = ok & self.error_feedback
         unbiased = not self.error_feedback
         factors = sum(b.size * b.rank * b.b for b in plan.batches)

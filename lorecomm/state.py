@@ -260,7 +260,7 @@ class CommState:
         dist.all_reduce(t, group=self.group)
         return _elem_bytes(t)
 
-    def _global_finite(self, plan: BucketPlan, buffer: torch.Tensor):
+    def _global_finite(self, buffer: torch.Tensor):
         """(the whole bucket is finite on every rank, bytes sent): one float all-reduced.
 
         For compressors without a score all-reduce that would carry the flag.
