@@ -9,6 +9,7 @@ same order on every rank).
 from __future__ import annotations
 
 import gc
+import numbers
 import threading
 import weakref
 from typing import Any, Sequence
@@ -20,9 +21,10 @@ from .plan import BucketPlan, build_plan, name_is_dense
 
 
 def check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    # any integral type (int, numpy integers), not bool
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
@@ -32,7 +34,7 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
     return float(value)
 

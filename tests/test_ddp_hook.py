@@ -360,6 +360,15 @@ def test_invalid_configuration_names_the_argument(kwargs, needle):
         lorecomm.GreedyLoreState(**kwargs)
 
 
+def test_numpy_integers_and_floats_are_accepted():
+    import numpy as np
+
+    st = lorecomm.GreedyLoreState(rank=np.int64(8), update_interval=np.int32(50), start_step=np.int64(0),
+                                  min_compression_rate=np.float32(1.5))
+    assert (st.rank, st.update_interval, st.start_step) == (8, 50, 0) and type(st.rank) is int
+    assert st.min_compression_rate == 1.5
+
+
 def test_random_linear_and_dense_validation():
     with pytest.raises(ValueError, match="kind must be one of 'randk', 'haar', 'gaussian'"):
         lorecomm.RandomLinearState(kind="sparse")
