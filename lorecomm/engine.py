@@ -155,13 +155,7 @@ def reduce_async(state, buffer: torch.Tensor, params: Sequence[torch.Tensor], of
     """
     from .state import _elem_bytes
 
-    if not isinstance(buffer, torch.Tensor) or buffer.dim() != 1 or not buffer.is_contiguous():
-        raise ValueError("buffer must be a contiguous 1-D gradient tensor")
-    if buffer.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"buffer dtype must be float32, bfloat16 or float16, got {buffer.dtype}")
-    if not state._params:
-        raise RuntimeError("state is not bound to a model: call state.bind(model) or lorecomm.register(...)")
-    plan = state._plan(buffer, params, offsets)
+    plan = state._plan(buffer, params, offsets)  # checks the input as CommState.reduce does
     t = state.step + 1
     phase = state.phase(t)
     eng = engine_for(state)

@@ -151,6 +151,13 @@ class CommState:
         return None
 
     def _plan(self, buffer: torch.Tensor, params: Sequence[torch.Tensor], offsets) -> BucketPlan:
+        """The bucket's plan (checked input; built once per bucket layout)."""
+        if not isinstance(buffer, torch.Tensor) or buffer.dim() != 1 or not buffer.is_contiguous():
+            raise ValueError("buffer must be a contiguous 1-D gradient tensor")
+        if buffer.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"buffer dtype must be float32, bfloat16 or float16, got {buffer.dtype}")
+        if not self._params:
+            raise RuntimeError("state is not bound to a model: call state.bind(model) or lorecomm.register(...)")
         if offsets is None:
             offsets, pos = [], 0
             for p in params:
@@ -197,12 +204,6 @@ class CommState:
     def reduce(self, buffer: torch.Tensor, params: Sequence[torch.Tensor], offsets=None,
                is_last: bool = True) -> torch.Tensor:
         """Average ``buffer`` (local gradients of ``params``) across ranks, in place."""
-        if not isinstance(buffer, torch.Tensor) or buffer.dim() != 1 or not buffer.is_contiguous():
-            raise ValueError("buffer must be a contiguous 1-D gradient tensor")
-        if buffer.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"buffer dtype must be float32, bfloat16 or float16, got {buffer.dtype}")
-        if not self._params:
-            raise RuntimeError("state is not bound to a model: call state.bind(model) or lorecomm.register(...)")
         plan = self._plan(buffer, params, offsets)
         phase = self.phase(self.step + 1)
         sent = self._reduce_phase(phase, plan, buffer)
