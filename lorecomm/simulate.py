@@ -205,28 +205,20 @@ class SimulatedPowerSGD(_Simulated):
         mn = matrix_shape(self.params[p][1])
         return torch.zeros(*mn, dtype=torch.float64) if self.ranks and self.ranks[p] is not None else None
 
-    def step(self, grads):
-        # PowerSGD works on the m x n view as is (no orientation)
-        if len(grads) != self.N:
-            raise ValueError(f"expected gradients of {self.N} ranks, got {len(grads)}")
-        self.t += 1
-        out = []
-        for p, (name, shape) in enumerate(self.params):
-            gs = [grads[i][p].double() for i in range(self.N)]
-            r = self.ranks[p]
-            if r is None or self._dense_step():
-                out.append(sum(gs) / self.N)
-                self.bytes_sent += 4 * gs[0].numel()
-                continue
-            mn = matrix_shape(shape)
-            ms = [g.reshape(mn) + (self.E[i][p] if self.error_feedback else 0) for i, g in enumerate(gs)]
-            P = torch.linalg.qr(sum(m @ self.Q[p] for m in ms) / self.N).Q
-            Q = sum(m.t() @ P for m in ms) / self.N
-            self.Q[p] = Q
-            approx = P @ Q.t()
-            if self.error_feedback:
-                for i in range(self.N):
-                    self.E[i][p] = ms[i] - approx
-            self.bytes_sent += 4 * (mn[0] + mn[1]) * r
-            out.append(approx.reshape(shape))
-        return out
+    # PowerSGD works on the m x n view as is (no orientation)
+    def _oriented(self, p: int, g: torch.Tensor) -> torch.Tensor:
+        return g.reshape(matrix_shape(self.params[p][1])).double()
+
+    def _unoriented(self, p: int, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.params[p][1])
+
+    def _matrix_step(self, p: int, ms: list[torch.Tensor]) -> torch.Tensor:
+        P = torch.linalg.qr(sum(m @ self.Q[p] for m in ms) / self.N).Q
+        Q = sum(m.t() @ P for m in ms) / self.N
+        self.Q[p] = Q
+        approx = P @ Q.t()
+        if self.error_feedback:
+            for i in range(self.N):
+                self.E[i][p] = ms[i] - approx
+        self.bytes_sent += 4 * sum(approx.shape) * self.ranks[p]
+        return approx

@@ -100,13 +100,17 @@ def test_half_precision_buckets(dtype):
     assert res[0][1]["steps_by_phase"]["compressed"] >= 3
 
 
+def _two_states(shapes, **kw):
+    """Parameters of the given (name, shape)s and two equally configured GreedyLore states bound to them."""
+    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
+    named = [(n, p) for (n, _), p in zip(shapes, ps)]
+    kw = dict(dict(rank=3, start_step=1, min_compression_rate=1.0), **kw)
+    return ps, lorecomm.GreedyLoreState(**kw).bind(named), lorecomm.GreedyLoreState(**kw).bind(named)
+
+
 def _half_vs_fp32(rank, world, dtype):
     """The same gradients (representable in dtype) through a dtype bucket and an fp32 bucket."""
-    params = [("w", (16, 24)), ("b", (16,))]
-    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in params]
-    named = [(n, p) for (n, _), p in zip(params, ps)]
-    kw = dict(rank=3, update_interval=3, start_step=1, min_compression_rate=1.0)
-    half, full = lorecomm.GreedyLoreState(**kw).bind(named), lorecomm.GreedyLoreState(**kw).bind(named)
+    ps, half, full = _two_states([("w", (16, 24)), ("b", (16,))], update_interval=3)
     g = torch.Generator().manual_seed(rank)
     out = []
     for t in range(1, 8):
@@ -235,10 +239,7 @@ def _relayout(rank, world):
     """The same gradients through one fixed bucket and through a layout that changes mid-run
     (two buckets in another order, then one): the state follows the parameters, not the buckets."""
     shapes = [("w1", (16, 24)), ("b", (16,)), ("w2", (16, 24)), ("w3", (20, 12))]
-    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
-    named = [(n, p) for (n, _), p in zip(shapes, ps)]
-    kw = dict(rank=3, update_interval=4, start_step=1, min_compression_rate=1.0)
-    fixed, moving = lorecomm.GreedyLoreState(**kw).bind(named), lorecomm.GreedyLoreState(**kw).bind(named)
+    ps, fixed, moving = _two_states(shapes, update_interval=4)
     g = torch.Generator().manual_seed(rank)
     same = []
     for t in range(1, 10):
