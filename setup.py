@@ -95,7 +95,7 @@ setup(
     name="lorecomm",
     version="0.1.0",
     description="Low-rank compressed gradient communication (GreedyLore) for PyTorch",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
     install_requires=["torch>=2.4", "numpy"],

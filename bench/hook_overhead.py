@@ -1,4 +1,4 @@
-"""Host time per bucket: lorecomm's GreedyLore hook vs torch's powerSGD_hook.
+"""Host time per bucket: lorecomm's hooks (Lore, GreedyLore) vs torch's powerSGD_hook.
 
 Same model, same rank, same process group, one DDP bucket (torch's PowerSGD
 hook launches its second all-reduce from a Future callback, which breaks with
@@ -9,8 +9,11 @@ For each hook the script times, per bucket and on compressed steps only:
   runs the backward pass),
 - ``latency``: from the hook call to its Future being done (compression +
   communication + decompression),
-and reports medians over the measured steps. Both hooks run on the same
-ranks in the same process, alternately, so machine noise hits both.
+and reports medians over the measured steps. Every hook runs on the same
+ranks in the same process, one after the other. Lore runs at twice
+PowerSGD's rank by default (``--lore-rank``): its bf16 factors send the same
+bytes. ``-inline`` runs lorecomm's engine on the caller's thread
+(``LORECOMM_ENGINE=0``), otherwise on its worker thread.
 
     python bench/hook_overhead.py                  # 2 Gloo ranks, 8 x 1024x1024
     python bench/hook_overhead.py --out bench/results/comm-hook-overhead-cpu.md
@@ -37,39 +40,26 @@ def make_model(width: int, layers: int) -> nn.Module:
     return nn.Sequential(*[nn.Linear(width, width, bias=True) for _ in range(layers)])
 
 
-def engine_available() -> str | None:
-    """None if lorecomm's C++ engine can run here, else the reason."""
+def lorecomm_available() -> str | None:
+    """None if lorecomm's engine can run here, else the reason."""
     try:
-        import lorecomm.engine as le
+        import lorecomm._C  # noqa: F401
 
-        return le.unavailable_reason()
+        return None
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
 
 
 def filter_methods(methods: list[str]) -> tuple[list[str], list[str]]:
-    """(runnable, skipped-with-reason) among dense/powersgd/greedylore[-sketch][-engine]."""
-    lc, en = lorecomm_available(), engine_available()
+    """(runnable, skipped-with-reason) among dense / powersgd / lore[-inline] / greedylore[-sketch][-inline]."""
+    lc = lorecomm_available()
     keep, skipped = [], []
     for m in methods:
-        if m.startswith("greedylore") and lc is not None:
+        if (m.startswith("greedylore") or m.startswith("lore")) and lc is not None:
             skipped.append(f"{m} ({lc})")
-        elif "engine" in m and en is not None:
-            skipped.append(f"{m} ({en})")
         else:
             keep.append(m)
     return keep, skipped
-
-
-def lorecomm_available() -> str | None:
-    """None if lorecomm's GreedyLore hook can run here, else the reason."""
-    try:
-        import lorecomm
-
-        lorecomm.GreedyLoreState, lorecomm.greedylore_hook  # noqa: B018
-        return None
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
 
 
 def plain_hook(hook):
@@ -82,8 +72,8 @@ def plain_hook(hook):
     return hook_
 
 
-def make_hook(kind: str, rank: int, args, pg=None):
-    """(state, hook) for one of: powersgd, greedylore, greedylore-sketch, dense."""
+def make_hook(kind: str, rank: int, args, model, pg=None):
+    """(state, hook) for one of: dense, powersgd, lore[-inline], greedylore[-sketch][-inline]."""
     if kind == "powersgd":
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
 
@@ -91,18 +81,21 @@ def make_hook(kind: str, rank: int, args, pg=None):
                               start_powerSGD_iter=2, min_compression_rate=2, use_error_feedback=True,
                               warm_start=True, orthogonalization_epsilon=0, random_seed=0)
         return st, ps.powerSGD_hook
-    if kind.startswith("greedylore"):
+    if kind.startswith("greedylore") or kind.startswith("lore"):
         import lorecomm
         import lorecomm.engine as le
 
-        probes = "sketch" if "sketch" in kind else "paper"
-        st = lorecomm.GreedyLoreState(process_group=pg, rank=rank, update_interval=args.update_interval,
-                                      start_step=1, probes=probes, dense_name_patterns=())
-        if "engine" in kind:  # the C++ engine (worker thread on CPU)
-            le.set_enabled(st, True)
-            return st, plain_hook(le.greedylore_engine_hook)
-        le.set_enabled(st, False)  # the Python reference path
-        return st, plain_hook(lorecomm.greedylore_hook)
+        le.set_inline("inline" in kind)
+        if kind.startswith("lore"):
+            st = lorecomm.LoreState(process_group=pg, rank=args.lore_rank or 2 * rank, start_step=1,
+                                    dense_name_patterns=(), dense_embeddings=False)
+        else:
+            probes = "sketch" if "sketch" in kind else "paper"
+            st = lorecomm.GreedyLoreState(process_group=pg, rank=rank, update_interval=args.update_interval,
+                                          start_step=1, probes=probes, dense_name_patterns=())
+        st.bind(model)  # joins the engine (of the mode just set)
+        le.set_inline(None)
+        return st, plain_hook(lorecomm.hook_for(st))
     if kind == "dense":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -138,13 +131,9 @@ def _worker(rank, world_size, port, args, q):
     for kind in args.hooks:
         model = make_model(args.width, args.layers)
         ddp = DDP(model, bucket_cap_mb=10_000, gradient_as_bucket_view=True)  # one bucket
-        state, hook = make_hook(kind, args.rank, args)
+        state, hook = make_hook(kind, args.rank, args, ddp)
         rec = {"call": [], "latency": []}
         ddp.register_comm_hook(state, timed_hook(hook, rec))
-        if kind.startswith("greedylore"):
-            import lorecomm
-
-            state.bind(ddp)
         # warm-up: dense / refresh steps, DDP's bucket rebuild, first compressed steps
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
@@ -165,14 +154,15 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--rank", type=int, default=32, help="compression rank (both hooks)")
+    p.add_argument("--rank", type=int, default=32, help="compression rank (PowerSGD, GreedyLore)")
+    p.add_argument("--lore-rank", type=int, default=None, help="Lore's rank (default 2 x --rank: the same bytes)")
     p.add_argument("--update-interval", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=4, help="untimed steps (dense, refresh, bucket rebuild)")
     p.add_argument("--steps", type=int, default=10, help="timed compressed steps")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--hooks", nargs="+", default=["dense", "powersgd", "greedylore", "greedylore-sketch",
-                                                     "greedylore-engine", "greedylore-sketch-engine"],
-                   help="greedylore*: Python reference path; *-engine: the C++ engine")
+    p.add_argument("--hooks", nargs="+", default=["dense", "powersgd", "lore", "lore-inline", "greedylore-sketch",
+                                                     "greedylore-sketch-inline"],
+                   help="lorecomm's engine on its worker thread, or *-inline on the caller's thread")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.hooks, skipped = filter_methods(args.hooks)
@@ -187,7 +177,7 @@ def main(argv=None):
     text = cu.header(f"Hook overhead per bucket (Gloo, {args.world_size} ranks)",
                      "python bench/hook_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     text += (f"\nModel: {args.layers} x Linear({args.width}, {args.width}) = one {mb:.1f} MB fp32 bucket; "
-             f"rank {args.rank}; batch {args.batch}; {args.threads} torch thread(s) per rank; "
+             f"rank {args.rank} (Lore {args.lore_rank or 2 * args.rank}, bf16 factors: the same bytes); batch {args.batch}; {args.threads} torch thread(s) per rank; "
              f"medians over {args.steps} compressed steps. `call` = time the hook call blocks the "
              f"backward thread; `latency` = hook call to Future done (compute + communication).\n\n")
     rows = []

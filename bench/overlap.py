@@ -1,6 +1,6 @@
 """Where one training step's time goes: backward, compression, communication,
 and the exposed (not overlapped) remainder, for dense DDP, torch PowerSGD and
-lorecomm's GreedyLore, on transformers of a few sizes.
+lorecomm's Lore and GreedyLore, on transformers of a few sizes.
 
 Per (model size, method), on the same ranks and the same batch:
 - ``backward``: loss.backward() with a no-op comm hook (pure backward compute
@@ -9,7 +9,8 @@ Per (model size, method), on the same ranks and the same batch:
   minus ``backward`` (compression/decompression compute; collectives of one
   rank cost ~nothing);
 - ``comm``: the method's collectives replayed back to back on the real
-  process group (sizes recorded from the method's own step, in issue order);
+  process group (sizes recorded from the method's own step, in issue order:
+  torch's from ``dist.all_reduce``, lorecomm's from its engine's own log);
 - ``step``: loss.backward() with the method's hook on the real group (DDP
   returns once every bucket's Future is done);
 - ``exposed`` = step - backward: what the hook adds to the step; the overlap
@@ -67,12 +68,17 @@ def noop_hook(_, bucket):
     return f
 
 
+_DTYPES = {"Float": torch.float32, "BFloat16": torch.bfloat16, "Half": torch.float16, "Long": torch.int64}
+
+
 class Recorder:
-    """Records the collectives a hook issues (torch.distributed.all_reduce / all_gather)."""
+    """Records the collectives a step issues: torch's hooks through torch.distributed.all_reduce,
+    lorecomm's engine in its own log (its worker thread issues them)."""
 
     def __init__(self):
         self.msgs: list[tuple[str, int, torch.dtype]] = []
         self.on = False
+        self.engine = None
         self._orig = dist.all_reduce
 
         def all_reduce(tensor, *a, **k):
@@ -82,28 +88,30 @@ class Recorder:
 
         dist.all_reduce = all_reduce
 
-    def start(self):
-        import lorecomm.engine as le
-
+    def start(self, state):
         self.msgs.clear()
         self.on = True
-        le.trace = self.msgs  # collectives the C++ engine runs (issued from its worker thread)
+        self.engine = state._runtime().engine if hasattr(state, "_runtime") else None
+        if self.engine is not None:
+            self.engine.collective_log(True)
+            self.engine.set_logging(True)
 
     def stop(self):
-        import lorecomm.engine as le
-
         self.on = False
-        le.trace = None
+        if self.engine is not None:
+            self.engine.set_logging(False)
+            self.msgs += [(op, n, _DTYPES[dt]) for op, n, dt, _ in self.engine.collective_log(True)]
+            self.engine = None
 
 
-def make_state(kind, pg, args):
+def make_state(kind, pg, args, ddp):
     from hook_overhead import make_hook
 
     if kind == "dense":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         return pg, default_hooks.allreduce_hook
-    return make_hook(kind, args.rank, args, pg=pg)
+    return make_hook(kind, args.rank, args, ddp, pg=pg)
 
 
 def _time_backward(ddp, ids, tgt, steps, warmup, bind_state=None):
@@ -151,19 +159,15 @@ def _worker(rank, world_size, port, args, q):
         for kind in args.methods:
             # compression compute: the hook on a one-rank group
             ddp = build(kind, solo)
-            st, hook = make_state(kind, solo, args)
-            if hasattr(st, "bind"):
-                st.bind(ddp)
+            st, hook = make_state(kind, solo, args, ddp)
             ddp.register_comm_hook(st, hook)
             t_solo = _time_backward(ddp, ids, tgt, args.steps, args.warmup)
             # the real step, recording the collectives of the last step
             ddp = build(kind, None)
-            st, hook = make_state(kind, None, args)
-            if hasattr(st, "bind"):
-                st.bind(ddp)
+            st, hook = make_state(kind, None, args, ddp)
             ddp.register_comm_hook(st, hook)
             t_step = _time_backward(ddp, ids, tgt, args.steps, args.warmup)
-            rec.start()
+            rec.start(st)
             _time_backward(ddp, ids, tgt, 1, 0)
             rec.stop()
             msgs = list(rec.msgs)
@@ -196,11 +200,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"], choices=list(SIZES))
-    p.add_argument("--methods", nargs="+", default=["dense", "powersgd", "greedylore-sketch",
-                                                                   "greedylore-sketch-engine"])
+    p.add_argument("--methods", nargs="+", default=["dense", "powersgd", "lore", "greedylore-sketch"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank", type=int, default=16, help="PowerSGD / GreedyLore rank")
+    p.add_argument("--lore-rank", type=int, default=None, help="Lore's rank (default 2 x --rank: the same bytes)")
     p.add_argument("--update-interval", type=int, default=1000)
     p.add_argument("--bucket-mb", type=float, default=1.0)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (warm-up, refresh, bucket rebuild)")

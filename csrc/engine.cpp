@@ -1,8 +1,7 @@
-// lorecomm bucket pipeline engine: see engine.h.
+// lorecomm bucket engine: see engine.h.
 #include "engine.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
@@ -14,7 +13,7 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
+#include <cctype>
 #include <exception>
 #include <sstream>
 #include <stdexcept>
@@ -22,472 +21,465 @@
 namespace lorecomm::engine {
 namespace {
 
-// torch.ops.lorecomm.<name>, called boxed: works with any registered kernel
-// (the C++ CPU kernels of csrc/ops.cpp, Triton kernels registered from
-// Python, or a Python reference), whatever its exact C++ signature.
-c10::OperatorHandle op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-}
-
-at::Tensor call1(const char* name, std::vector<c10::IValue> args) {
-  torch::jit::Stack stack(std::move(args));
-  op(name).callBoxed(stack);
-  TORCH_CHECK(stack.size() == 1 && stack[0].isTensor(), name, " did not return one tensor");
-  return std::move(stack[0]).toTensor();
-}
-
-void call0(const char* name, std::vector<c10::IValue> args) {
-  torch::jit::Stack stack(std::move(args));
-  op(name).callBoxed(stack);
-}
-
+// An error that already carries the engine's full message.
 struct StageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
 // the message without the C++ backtrace c10::Error appends
-const char* message_of(const std::exception& e) {
+std::string message_of(const std::exception& e) {
   if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) return ce->what_without_backtrace();
   return e.what();
 }
 
-std::string describe(const at::Tensor& t) {
-  std::ostringstream s;
-  if (!t.defined()) return "undefined";
-  s << t.scalar_type() << t.sizes() << " on " << t.device();
-  return s.str();
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
 }
 
-void check_job(const Job& job) {
-  const auto& buf = job.buffer;
-  TORCH_CHECK(buf.defined() && buf.dim() == 1 && buf.is_contiguous(),
-              "the bucket must be a contiguous 1-D tensor, got ", describe(buf));
-  auto dt = buf.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "the bucket dtype must be float32, bfloat16 or float16, got ", dt);
-  for (size_t i = 0; i < job.batches.size(); ++i) {
-    const auto& b = job.batches[i];
-    TORCH_CHECK(b.G.defined() && b.G.dim() == 3, "batch ", i, ": G must be (B, a, b), got ", describe(b.G));
-    const auto B = b.G.size(0), a = b.G.size(1), n = b.G.size(2);
-    TORCH_CHECK(b.E.defined() && b.E.sizes() == b.G.sizes() && b.E.scalar_type() == at::kFloat,
-                "batch ", i, ": E must be float32 ", b.G.sizes(), ", got ", describe(b.E));
-    TORCH_CHECK(b.U.defined() && b.U.dim() == 3 && b.U.size(0) == B && b.U.size(1) == a && b.U.size(2) == a &&
-                    b.U.scalar_type() == at::kFloat,
-                "batch ", i, ": U must be float32 (", B, ", ", a, ", ", a, "), got ", describe(b.U));
-    std::vector<const at::Tensor*> on_device{&b.G, &b.E, &b.U};
-    if (job.phase == Phase::Compressed) {
-      TORCH_CHECK(b.rank >= 1 && b.rank <= a, "batch ", i, ": rank ", b.rank, " must be in [1, ", a, "]");
-      TORCH_CHECK(b.picks.defined() == job.batches[0].picks.defined(),
-                  "batch ", i, ": either every batch has given picks or none");
-      if (b.picks.defined()) {
-        TORCH_CHECK(b.picks.dim() == 2 && b.picks.size(0) == B && b.picks.size(1) == b.rank &&
-                        b.picks.scalar_type() == at::kLong,
-                    "batch ", i, ": picks must be int64 (", B, ", ", b.rank, "), got ", describe(b.picks));
-        on_device.push_back(&b.picks);
-      } else {
-        TORCH_CHECK(b.keys.defined() && b.keys.dim() == 1 && b.keys.size(0) == B &&
-                        b.keys.scalar_type() == at::kLong,
-                    "batch ", i, ": keys must be int64 (", B, ",), got ", describe(b.keys));
-        on_device.push_back(&b.keys);
-      }
-    }
-    for (const auto* t : on_device)
-      TORCH_CHECK(t->device() == buf.device(), "batch ", i, ": all tensors must be on the bucket's device ",
-                  buf.device(), ", got ", describe(*t));
-    (void)n;
-  }
-  const auto nb = static_cast<int64_t>(job.batches.size());
-  TORCH_CHECK(!job.ok_out || (job.ok_out->dim() == 0 && job.ok_out->scalar_type() == at::kBool),
-              "ok_out must be a 0-dim bool tensor, got ", describe(*job.ok_out));
-  if (job.phase == Phase::Refresh) {
-    TORCH_CHECK(!job.repairs_out || (job.repairs_out->dim() == 1 && job.repairs_out->size(0) == nb &&
-                                     job.repairs_out->scalar_type() == at::kLong && job.repairs_out->is_cpu()),
-                "refresh: repairs_out must be int64 (", nb, ",) on the CPU, got ", describe(*job.repairs_out));
-  }
-  for (const auto& [s, e] : job.dense_ranges)
-    TORCH_CHECK(0 <= s && s <= e && e <= buf.numel(), "dense range [", s, ", ", e, ") outside the bucket of ",
-                buf.numel(), " elements");
+// What a failed collective most likely means, from the backend's message.
+std::string likely_cause(const std::string& raw, bool engine_timeout) {
+  const std::string m = lower(raw);
+  auto has = [&](const char* s) { return m.find(s) != std::string::npos; };
+  if (has("size doesn't match") || has("size mismatch") || has("mismatch") || has("expected size"))
+    return "the ranks issued different collectives (their lorecomm configurations, bucket layouts or step "
+           "counters differ)";
+  if (has("died") || has("connection closed") || has("connection reset") || has("broken pipe") ||
+      has("connection refused") || has("end of file"))
+    return "a peer rank died or left the group";
+  if (engine_timeout || has("timed out") || has("timeout"))
+    return "timed out waiting for peers: a rank is slow, stuck, dead, or issued different collectives";
+  return "";
 }
 
 }  // namespace
+
+struct Item {
+  std::shared_ptr<Step> step;
+  c10::intrusive_ptr<c10::ivalue::Future> fut;
+  at::ThreadLocalState tls;
+  int64_t seq = 0;
+  double submit_s = 0;
+  int intra_threads = 0;  // the submitter's at::get_num_threads(), applied on the worker
+#ifdef LORECOMM_WITH_CUDA
+  std::shared_ptr<void> ready_event;  // at::cuda::CUDAEvent, type-erased
+#endif
+};
+
+struct Core {
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;  // reset when the engine stops
+  int world_size = 0;
+  std::string backend;
+  std::chrono::milliseconds timeout{0};
+  bool inline_mode = false;
+
+  mutable std::mutex mu;
+  std::condition_variable cv;         // work available / stop
+  std::condition_variable idle_cv;    // queue drained
+  std::condition_variable exited_cv;  // the worker left its loop
+  std::deque<Item> queue;
+  bool running = false, stop = false, exited = false;
+  std::atomic<bool> abandoned{false};
+  std::thread::id worker_id;
+  int64_t next_seq = 0, done = 0;
+  double busy_s = 0;
+  std::optional<std::string> failure;
+  std::vector<TimelineEntry> timeline;
+  bool logging = false;
+  std::vector<CollectiveRecord> log;
+#ifdef LORECOMM_WITH_CUDA
+  std::shared_ptr<void> stream;  // c10::cuda::CUDAStream, created lazily per device
+  int stream_device = -1;
+#endif
+};
 
 double Engine::now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-Engine::Engine(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::chrono::milliseconds timeout)
-    : pg_(std::move(pg)), world_size_(0), timeout_(timeout) {
-  TORCH_CHECK(pg_, "lorecomm engine: a process group is required");
-  world_size_ = pg_->getSize();
-  worker_ = std::thread([this] { loop(); });
-}
+// ------------------------------------------------------------------- Comm
+int Comm::world_size() const { return core_.world_size; }
 
-Engine::~Engine() { shutdown(); }
-
-void Engine::shutdown() {
-  std::deque<Item> orphans;
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    if (stop_ && !worker_.joinable()) return;
-    stop_ = true;
-  }
-  cv_.notify_all();
-  bool joined = false;
-  if (worker_.joinable()) {
-    if (worker_.get_id() != std::this_thread::get_id()) {
-      worker_.join();
-      joined = true;
-    } else {
-      worker_.detach();  // called from a callback on the worker: it exits after this job
-    }
-  }
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    orphans.swap(queue_);
-    if (joined) pg_.reset();  // no job can run any more
-  }
-  for (auto& it : orphans)
-    it.fut->setErrorIfNeeded(std::make_exception_ptr(
-        std::runtime_error("lorecomm engine: shut down before " + it.job.label + " ran")));
-  idle_cv_.notify_all();
-}
-
-c10::intrusive_ptr<c10::ivalue::Future> Engine::submit(Job job) {
-  std::vector<c10::Device> devices;
-  if (job.buffer.defined() && job.buffer.is_cuda()) devices.push_back(job.buffer.device());
-  auto fut = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
-  Item it{std::move(job), fut, at::ThreadLocalState(), 0, now_s()};
-  // OpenMP/MKL thread counts are per thread: a fresh worker would use every
-  // core (oversubscribing with the backward pass); use the submitter's setting
-  it.intra_threads = at::get_num_threads();
-#ifdef LORECOMM_WITH_CUDA
-  if (it.job.buffer.defined() && it.job.buffer.is_cuda()) {
-    // the bucket is ready on the submitter's current stream: order after it
-    auto ev = std::make_shared<at::cuda::CUDAEvent>();
-    ev->record(c10::cuda::getCurrentCUDAStream(it.job.buffer.device().index()));
-    it.ready_event = ev;
-  }
-#endif
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    if (stop_) {
-      fut->setError(std::make_exception_ptr(std::runtime_error("lorecomm engine: submit after shutdown")));
-      return fut;
-    }
-    it.seq = next_seq_++;
-    if (it.job.label.empty()) it.job.label = "bucket #" + std::to_string(it.seq);
-    queue_.push_back(std::move(it));
-  }
-  cv_.notify_one();
-  return fut;
-}
-
-void Engine::drain() {
-  std::unique_lock<std::mutex> g(mu_);
-  idle_cv_.wait(g, [this] { return (queue_.empty() && !running_job_) || (stop_ && !worker_.joinable()); });
-}
-
-void Engine::reset() {
-  std::lock_guard<std::mutex> g(mu_);
-  failure_.reset();
-}
-
-int64_t Engine::jobs_done() const {
-  std::lock_guard<std::mutex> g(mu_);
-  return done_;
-}
-int64_t Engine::pending() const {
-  std::lock_guard<std::mutex> g(mu_);
-  return static_cast<int64_t>(queue_.size()) + (running_job_ ? 1 : 0);
-}
-double Engine::busy_seconds() const {
-  std::lock_guard<std::mutex> g(mu_);
-  return busy_s_;
-}
-std::optional<std::string> Engine::failure() const {
-  std::lock_guard<std::mutex> g(mu_);
-  return failure_;
-}
-std::vector<TimelineEntry> Engine::timeline(bool clear) {
-  std::lock_guard<std::mutex> g(mu_);
-  auto out = timeline_;
-  if (clear) timeline_.clear();
-  return out;
-}
-
-void Engine::loop() {
-  for (;;) {
-    Item it;
-    {
-      std::unique_lock<std::mutex> g(mu_);
-      cv_.wait(g, [this] { return stop_ || !queue_.empty(); });
-      if (stop_) return;  // shutdown() fails what is left
-      it = std::move(queue_.front());
-      queue_.pop_front();
-      running_job_ = true;
-    }
-    const double t0 = now_s();
-    bool failed = false;
-    std::optional<std::string> prior;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      prior = failure_;
-    }
-    if (prior) {
-      failed = true;
-      it.fut->setError(std::make_exception_ptr(std::runtime_error(
-          "lorecomm engine: " + it.job.label + " not run: an earlier bucket failed (" + *prior +
-          "); the collective sequence of this process group is broken")));
-    } else {
-      try {
-        at::ThreadLocalStateGuard tls_guard(it.tls);
-        run(it);
-      } catch (const std::exception& e) {
-        failed = true;
-        std::string msg = message_of(e);
-        {
-          std::lock_guard<std::mutex> g(mu_);
-          failure_ = msg;
-        }
-        it.fut->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(msg)));
-      } catch (...) {
-        failed = true;
-        std::string msg = "lorecomm engine: " + it.job.label + ": unknown error";
-        {
-          std::lock_guard<std::mutex> g(mu_);
-          failure_ = msg;
-        }
-        it.fut->setErrorIfNeeded(std::make_exception_ptr(std::runtime_error(msg)));
-      }
-    }
-    const double t1 = now_s();
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      running_job_ = false;
-      ++done_;
-      busy_s_ += t1 - t0;
-      if (timeline_.size() < 100000) timeline_.push_back({it.seq, it.submit_s, t0, t1, failed});
-    }
-    // drop tensors before signalling idle, so a drained engine holds no bucket
-    it = Item();
-    idle_cv_.notify_all();
-  }
-}
-
-void Engine::run(Item& it) {
-  Job& job = it.job;
-  if (it.intra_threads > 0 && at::get_num_threads() != it.intra_threads) at::set_num_threads(it.intra_threads);
-  const char* phase = job.phase == Phase::Dense ? "dense" : job.phase == Phase::Refresh ? "refresh" : "compressed";
+void Comm::issue(const char* op, const at::Tensor& t, const char* what) {
+  auto fail = [&](const std::string& raw, bool engine_timeout) {
+    std::ostringstream s;
+    s << "lorecomm engine: " << label_ << ": " << what << " " << op << " of " << t.numel() << " "
+      << t.scalar_type() << " elements over " << core_.world_size << " ranks (" << core_.backend
+      << ") failed: " << raw;
+    if (engine_timeout) s << " [engine timeout " << core_.timeout.count() << " ms]";
+    const std::string cause = likely_cause(raw, engine_timeout);
+    if (!cause.empty()) s << ". Likely cause: " << cause;
+    throw StageError(s.str());
+  };
+  auto pg = core_.pg;
+  if (!pg) fail("the engine has been shut down", false);
+  // a backend that cannot move this device's tensors is a setup error, not a dead peer
+  c10::intrusive_ptr<c10d::Backend> device_backend;
   try {
-    check_job(job);
+    device_backend = pg->getBackend(t.device().type());
   } catch (const std::exception& e) {
-    throw StageError(std::string("lorecomm engine: ") + job.label + " (" + phase + "): bad input: " + message_of(e));
+    fail("the process group has no backend for " + c10::DeviceTypeName(t.device().type(), true) +
+             " tensors (put the model on a device its backend supports, e.g. CUDA for NCCL, or use a "
+             "Gloo group for CPU training): " + message_of(e),
+         false);
   }
-#ifdef LORECOMM_WITH_CUDA
-  std::optional<c10::cuda::CUDAStreamGuard> sguard;
-  if (job.buffer.is_cuda()) {
-    const int dev = job.buffer.device().index();
-    if (!stream_ || stream_device_ != dev) {
-      stream_ = std::make_shared<c10::cuda::CUDAStream>(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev));
-      stream_device_ = dev;
-    }
-    auto& s = *std::static_pointer_cast<c10::cuda::CUDAStream>(stream_);
-    std::static_pointer_cast<at::cuda::CUDAEvent>(it.ready_event)->block(s);  // GPU-side wait, host goes on
-    sguard.emplace(s);
-    // the bucket and state are used on our stream: keep the allocator from recycling them early
-    job.buffer.record_stream(s);
-  }
-#endif
+  std::string backend;
   try {
-    if (job.phase == Phase::Dense || job.batches.empty()) {
-      run_dense(job);
-    } else if (job.phase == Phase::Refresh) {
-      run_refresh(job);
+    backend = device_backend->getBackendName();
+  } catch (const std::exception&) {  // a custom backend may not name itself
+  }
+  if (lower(backend) == "nccl" && !t.is_cuda())
+    fail("NCCL cannot communicate " + c10::DeviceTypeName(t.device().type(), true) +
+             " tensors (put the model on its CUDA device, or use a Gloo group for CPU training)",
+         false);
+  {
+    std::lock_guard<std::mutex> g(core_.mu);
+    if (core_.logging) core_.log.push_back({op, t.numel(), t.scalar_type(), what});
+  }
+  std::vector<at::Tensor> v{t};
+  bool timed_out = false;
+  try {
+    c10::intrusive_ptr<c10d::Work> work;
+    if (std::string(op) == "broadcast") {
+      c10d::BroadcastOptions o;
+      o.rootRank = 0;
+      work = pg->broadcast(v, o);
     } else {
-      run_compressed(job);
+      c10d::AllreduceOptions o;
+      o.reduceOp = std::string(op) == "all_reduce_max" ? c10d::ReduceOp::MAX : c10d::ReduceOp::SUM;
+      work = pg->allreduce(v, o);
+    }
+    if (!work->wait(core_.timeout)) {
+      timed_out = true;
+      throw std::runtime_error("the collective did not complete in time");
     }
   } catch (const StageError&) {
     throw;
   } catch (const std::exception& e) {
-    throw StageError(std::string("lorecomm engine: ") + job.label + " (" + phase + "): " + message_of(e));
+    const std::string raw = message_of(e);
+    fail(raw, timed_out || (core_.timeout.count() > 0 && lower(raw).find("timed out") != std::string::npos));
+  }
+  bytes_ += t.numel() * static_cast<int64_t>(t.element_size());
+  ++collectives_;
+}
+
+void Comm::all_reduce_mean(const at::Tensor& t, const char* what) {
+  t.div_(core_.world_size);
+  issue("all_reduce_sum", t, what);
+}
+
+void Comm::all_reduce_sum(const at::Tensor& t, const char* what) { issue("all_reduce_sum", t, what); }
+
+void Comm::all_reduce_max(const at::Tensor& t, const char* what) { issue("all_reduce_max", t, what); }
+
+void Comm::broadcast(const at::Tensor& t, const char* what) { issue("broadcast", t, what); }
+
+// ----------------------------------------------------------------- running
+namespace {
+
+void complete(Core& core, Item& it, const std::exception_ptr& err) {
+  if (core.abandoned.load()) return;  // interpreter may be gone: never run callbacks now
+  if (err)
+    it.fut->setErrorIfNeeded(err);
+  else
+    it.fut->markCompleted(c10::IValue(it.step->buffer));
+}
+
+// Runs one step (on the worker, or inline); never throws.
+void run_item(Core& core, Item& it) {
+  const double t0 = Engine::now_s();
+  Step& step = *it.step;
+  std::optional<std::string> prior;
+  {
+    std::lock_guard<std::mutex> g(core.mu);
+    prior = core.failure;
+    core.running = true;
+  }
+  std::exception_ptr err;
+  if (prior) {
+    err = std::make_exception_ptr(std::runtime_error(
+        "lorecomm engine: " + step.label + " not run: an earlier bucket failed (" + *prior +
+        "); the collective sequence of this process group is broken (every rank must call "
+        "lorecomm.engine.reset() before training on)"));
+  } else {
+    try {
+      std::optional<at::ThreadLocalStateGuard> tls;
+      if (!core.inline_mode) tls.emplace(it.tls);
+      if (it.intra_threads > 0 && at::get_num_threads() != it.intra_threads) at::set_num_threads(it.intra_threads);
+      try {
+        const auto& buf = step.buffer;
+        TORCH_CHECK(buf.defined() && buf.dim() == 1 && buf.is_contiguous(),
+                    "the bucket must be a contiguous 1-D tensor");
+        const auto dt = buf.scalar_type();
+        TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                    "the bucket dtype must be float32, bfloat16 or float16, got ", dt);
+        if (step.loss_scale)
+          TORCH_CHECK(step.loss_scale->numel() == 1 && step.loss_scale->device() == buf.device(),
+                      "loss_scale must be a one-element tensor on the bucket's device");
+        step.check();
+      } catch (const std::exception& e) {
+        throw StageError("lorecomm engine: " + step.label + " (" + step.kind() + "): bad input: " + message_of(e));
+      }
+#ifdef LORECOMM_WITH_CUDA
+      std::optional<c10::cuda::CUDAStreamGuard> sguard;
+      if (step.buffer.is_cuda() && !core.inline_mode) {
+        const int dev = step.buffer.device().index();
+        if (!core.stream || core.stream_device != dev) {
+          core.stream = std::make_shared<c10::cuda::CUDAStream>(
+              c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev));
+          core.stream_device = dev;
+        }
+        auto& s = *std::static_pointer_cast<c10::cuda::CUDAStream>(core.stream);
+        std::static_pointer_cast<at::cuda::CUDAEvent>(it.ready_event)->block(s);  // GPU-side wait
+        sguard.emplace(s);
+        // everything the step touches is used on our stream: the caching
+        // allocator must not hand it out again before our work is done
+        std::vector<at::Tensor> ts;
+        step.tensors(ts);
+        if (step.loss_scale) ts.push_back(*step.loss_scale);
+        for (auto& t : ts)
+          if (t.defined() && t.is_cuda()) t.record_stream(s);
+      }
+#endif
+      Comm comm(core, step.label);
+      try {
+        // AMP: compress the unscaled gradient (error buffers must not mix loss scales)
+        if (step.loss_scale) step.buffer.div_(*step.loss_scale);
+        step.run(comm);
+        if (step.loss_scale) step.buffer.mul_(*step.loss_scale);
+      } catch (const StageError&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw StageError("lorecomm engine: " + step.label + " (" + step.kind() + "): " + message_of(e));
+      }
+      step.bytes_sent = comm.bytes();
+      step.collectives = comm.collectives();
+    } catch (const std::exception& e) {
+      const std::string msg = message_of(e);
+      {
+        std::lock_guard<std::mutex> g(core.mu);
+        core.failure = msg;
+      }
+      err = std::make_exception_ptr(std::runtime_error(msg));
+    } catch (...) {
+      const std::string msg = "lorecomm engine: " + step.label + ": unknown error";
+      {
+        std::lock_guard<std::mutex> g(core.mu);
+        core.failure = msg;
+      }
+      err = std::make_exception_ptr(std::runtime_error(msg));
+    }
+  }
+  const double t1 = Engine::now_s();
+  {
+    std::lock_guard<std::mutex> g(core.mu);
+    core.running = false;
+    ++core.done;
+    core.busy_s += t1 - t0;
+    if (core.timeline.size() < 100000) core.timeline.push_back({it.seq, it.submit_s, t0, t1, err != nullptr});
   }
   // completes on the current stream (the engine's on GPU): consumers are ordered after it
-  it.fut->markCompleted(c10::IValue(job.buffer));
+  complete(core, it, err);
 }
 
-void Engine::wait(const std::function<c10::intrusive_ptr<c10d::Work>()>& launch, const std::string& what,
-                  const Job& job) {
+void worker_loop(std::shared_ptr<Core> core) {
+  for (;;) {
+    Item it;
+    {
+      std::unique_lock<std::mutex> g(core->mu);
+      core->cv.wait(g, [&] { return core->stop || !core->queue.empty(); });
+      if (core->stop) break;  // shutdown() fails what is left
+      it = std::move(core->queue.front());
+      core->queue.pop_front();
+    }
+    run_item(*core, it);
+    it = Item();  // drop tensors before signalling idle: a drained engine holds no bucket
+    core->idle_cv.notify_all();
+    if (core->abandoned.load()) break;
+  }
+  std::lock_guard<std::mutex> g(core->mu);
+  core->exited = true;
+  core->exited_cv.notify_all();
+  core->idle_cv.notify_all();
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ Engine
+Engine::Engine(c10::intrusive_ptr<c10d::ProcessGroup> pg, std::chrono::milliseconds timeout, bool inline_mode)
+    : core_(std::make_shared<Core>()) {
+  TORCH_CHECK(pg, "lorecomm engine: a process group is required");
+  core_->world_size = pg->getSize();
   try {
-    auto work = launch();
-    if (!work->wait(timeout_)) throw std::runtime_error("collective did not complete");
-  } catch (const std::exception& e) {
-    std::ostringstream s;
-    s << "lorecomm engine: " << job.label << ": " << what << " over " << world_size_ << " ranks ("
-      << pg_->getBackendName() << ") failed: " << message_of(e)
-      << (timeout_.count() > 0 ? " [engine timeout " + std::to_string(timeout_.count()) + " ms]" : "")
-      << ". A rank died, timed out or issued different collectives; the step cannot complete.";
-    throw StageError(s.str());
+    core_->backend = pg->getDefaultBackend()->getBackendName();
+  } catch (const std::exception&) {
+    try {
+      core_->backend = pg->getBackendName();
+    } catch (const std::exception&) {
+      core_->backend = "unnamed backend";
+    }
   }
-}
-
-static std::string collective_name(const char* what, const char* kind, const at::Tensor& t) {
-  std::ostringstream s;
-  s << what << " " << kind << " of " << t.numel() << " " << t.scalar_type() << " elements";
-  return s.str();
-}
-
-void Engine::all_reduce(const at::Tensor& t, c10d::ReduceOp op, const char* what, const Job& job) {
-  std::vector<at::Tensor> v{t};
-  c10d::AllreduceOptions opts;
-  opts.reduceOp = op;
-  wait([&] { return pg_->allreduce(v, opts); }, collective_name(what, "all-reduce", t), job);
-}
-
-void Engine::all_reduce_mean(const at::Tensor& t, const char* what, const Job& job) {
-  // DDP's convention, as CommState._all_reduce_mean: divide, then sum-all-reduce
-  t.div_(world_size_);
-  all_reduce(t, c10d::ReduceOp::SUM, what, job);
-}
-
-void Engine::broadcast(const at::Tensor& t, const char* what, const Job& job) {
-  std::vector<at::Tensor> v{t};
-  c10d::BroadcastOptions opts;
-  opts.rootRank = 0;  // the group's rank 0, as GreedyLoreState._ensure_identical_bases
-  wait([&] { return pg_->broadcast(v, opts); }, collective_name(what, "broadcast", t), job);
-}
-
-void Engine::run_dense(Job& job) { all_reduce_mean(job.buffer, "dense", job); }
-
-void Engine::run_compressed(Job& job) {
-  const auto& buf = job.buffer;
-  const auto fopts = buf.options().dtype(at::kFloat);
-  // the factor (+ dense) buffer; dense leftovers go in first: their finite flag joins the selection's
-  int64_t factors = 0, dense_numel = 0;
-  for (const auto& b : job.batches) factors += b.G.size(0) * b.rank * b.G.size(2);
-  for (const auto& [s, e] : job.dense_ranges) dense_numel += e - s;
-  at::Tensor comm = at::empty({factors + dense_numel}, fopts);
-  at::Tensor dense = comm.narrow(0, factors, dense_numel);
-  int64_t pos = 0;
-  for (const auto& [s, e] : job.dense_ranges) {
-    dense.narrow(0, pos, e - s).copy_(buf.narrow(0, s, e - s));
-    pos += e - s;
-  }
-  const at::Tensor zero = at::scalar_tensor(0.0, fopts), nan = at::scalar_tensor(std::nan(""), fopts);
-  std::vector<at::Tensor> picks;
-  at::Tensor ok;
-  if (job.batches[0].picks.defined()) {
-    // 1-3 with given selections (fixed / random): only the global finite flag travels
-    at::Tensor bad = at::zeros({1}, fopts);
-    bad.add_(at::isfinite(buf).logical_not().any());
-    all_reduce_mean(bad, "finite-flag", job);
-    ok = bad.select(0, 0).eq(0);
-    for (const auto& b : job.batches) picks.push_back(b.picks);
+  core_->pg = std::move(pg);
+  core_->timeout = timeout;
+  core_->inline_mode = inline_mode;
+  if (!inline_mode) {
+    worker_ = std::thread(worker_loop, core_);
+    core_->worker_id = worker_.get_id();
   } else {
-    // 1. scores of every batch (H = G + E never materialised), flattened back to back
-    std::vector<at::Tensor> scores;
-    scores.reserve(job.batches.size());
-    for (auto& b : job.batches) {
-      at::Tensor lam = job.sketch_k > 0
-                           ? call1("lorecomm::score_sketch", {b.G, b.E, b.U, b.keys, job.sketch_k})
-                           : call1("lorecomm::score_paper", {b.G, b.E, b.U, b.keys});
-      scores.push_back(lam.reshape({-1}));
-    }
-    at::Tensor flat = at::cat(scores);
-    // a non-finite dense leftover must skip the step too: its NaN rides in the
-    // first score (x + 0.0 leaves every score as it was otherwise)
-    if (dense_numel > 0) flat.narrow(0, 0, 1).add_(at::where(at::isfinite(dense).all(), zero, nan));
-    // 2. averaged signed scores
-    all_reduce_mean(flat, "score", job);
-    // 3. global finite flag and greedy selection, on device
-    ok = at::isfinite(flat).all();
-    pos = 0;
-    for (size_t i = 0; i < scores.size(); ++i) {
-      const auto& b = job.batches[i];
-      const int64_t B = b.G.size(0), a = b.G.size(1);
-      const int64_t n = scores[i].numel();
-      at::Tensor lbar = flat.narrow(0, pos, n).view({B, a, -1});
-      pos += n;
-      at::Tensor energy = lbar.square().mean(-1);
-      // stable descending sort: ties go to the lower index, on every rank alike
-      at::Tensor idx = std::get<1>(energy.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
-      picks.push_back(idx.narrow(-1, 0, b.rank));
-    }
+    core_->exited = true;  // there is no worker
   }
-  at::Tensor update_error = job.error_feedback ? ok : ok.logical_and(at::zeros_like(ok));
-  // 4. project + residual into the factor buffer (the dense leftovers follow the factors)
-  std::vector<std::pair<at::Tensor, at::Tensor>> PR;
-  pos = 0;
-  for (size_t i = 0; i < job.batches.size(); ++i) {
-    auto& b = job.batches[i];
-    const int64_t B = b.G.size(0), a = b.G.size(1), n = b.G.size(2), r = b.rank;
-    at::Tensor P = b.U.gather(2, picks[i].unsqueeze(1).expand({B, a, r}));
-    at::Tensor R = comm.narrow(0, pos, B * r * n).view({B, r, n});
-    call0("lorecomm::project_residual", {b.G, b.E, P, R, update_error});
-    PR.emplace_back(P, R);
-    pos += B * r * n;
-  }
-  // 5. factor (+ dense) all-reduce
-  all_reduce_mean(comm, "factor", job);
-  // a skipped (non-finite) step must reach the optimizer as non-finite on every rank
-  comm.narrow(0, 0, factors).add_(at::where(ok, zero, nan));
-  // 6. decompress into the bucket, dense leftovers back
-  for (size_t i = 0; i < job.batches.size(); ++i)
-    call0("lorecomm::decompress", {PR[i].first, PR[i].second, job.batches[i].G});
-  pos = factors;
-  for (const auto& [s, e] : job.dense_ranges) {
-    buf.narrow(0, s, e - s).copy_(comm.narrow(0, pos, e - s));
-    pos += e - s;
-  }
-  if (job.ok_out) job.ok_out->copy_(ok);
 }
 
-// One int64 per matrix that changes with any bit of it (wrapping arithmetic),
-// as lorecomm.greedylore.bitwise_checksum.
-static at::Tensor bitwise_checksum(const at::Tensor& U) {
-  at::Tensor bits = U.contiguous().view(at::kInt).reshape({U.size(0), -1}).to(at::kLong);
-  at::Tensor weights = at::arange(1, bits.size(1) + 1, bits.options());
-  return (bits * weights).sum(-1);
+Engine::~Engine() { shutdown(); }
+
+bool Engine::shutdown(std::chrono::milliseconds grace) {
+  std::lock_guard<std::mutex> once(shutdown_mu_);
+  if (shut_) return clean_;
+  shut_ = true;
+  {
+    std::lock_guard<std::mutex> g(core_->mu);
+    core_->stop = true;
+  }
+  core_->cv.notify_all();
+  bool joined = true;
+  if (worker_.joinable()) {
+    if (std::this_thread::get_id() == worker_.get_id()) {
+      worker_.detach();  // from a callback on the worker: it leaves its loop after this step
+      joined = false;
+    } else {
+      bool exited;
+      {
+        std::unique_lock<std::mutex> g(core_->mu);
+        exited = core_->exited_cv.wait_for(g, grace, [&] { return core_->exited; });
+      }
+      if (exited) {
+        worker_.join();
+      } else {
+        core_->abandoned = true;  // stuck in a collective: leave it, it keeps the core alive
+        worker_.detach();
+        joined = false;
+      }
+    }
+  }
+  std::deque<Item> orphans;
+  {
+    std::lock_guard<std::mutex> g(core_->mu);
+    orphans.swap(core_->queue);
+    if (joined || core_->inline_mode) core_->pg.reset();  // no step can run any more
+  }
+  for (auto& it : orphans)
+    it.fut->setErrorIfNeeded(std::make_exception_ptr(
+        std::runtime_error("lorecomm engine: shut down before " + it.step->label + " ran")));
+  core_->idle_cv.notify_all();
+  clean_ = !core_->abandoned.load();
+  return clean_;
 }
 
-void Engine::run_refresh(Job& job) {
-  const auto& buf = job.buffer;
-  const int64_t nb = static_cast<int64_t>(job.batches.size());
-  at::Tensor comm = buf.scalar_type() == at::kFloat ? buf : buf.to(at::kFloat);
-  // the batch's strided view of G, taken in the fp32 copy
-  auto view_in_comm = [&](const at::Tensor& G) {
-    return comm.as_strided(G.sizes(), G.strides(), comm.storage_offset() + G.storage_offset() - buf.storage_offset());
-  };
-  // 1. dense all-reduce of the error-corrected gradient
-  if (job.error_feedback)
-    for (const auto& b : job.batches) view_in_comm(b.G).add_(b.E);
-  all_reduce_mean(comm, "refresh", job);
-  // 2. new bases where the whole mean bucket is finite, error buffers reset
-  at::Tensor ok = at::isfinite(comm).all();
-  for (const auto& b : job.batches) {
-    b.U.copy_(at::where(ok, call1("lorecomm::refresh_basis", {view_in_comm(b.G)}), b.U));
-    b.E.masked_fill_(ok, 0.0);
+c10::intrusive_ptr<c10::ivalue::Future> Engine::submit(std::shared_ptr<Step> step) {
+  TORCH_CHECK(step, "lorecomm engine: submit needs a step");
+  std::vector<c10::Device> devices;
+  if (step->buffer.defined() && step->buffer.is_cuda()) devices.push_back(step->buffer.device());
+  auto fut = c10::make_intrusive<c10::ivalue::Future>(c10::TensorType::get(), devices);
+  Item it;
+  it.step = std::move(step);
+  it.fut = fut;
+  it.submit_s = now_s();
+  // OpenMP/MKL thread counts are per thread: a fresh worker would use every
+  // core (oversubscribing with the backward pass); use the submitter's setting
+  it.intra_threads = at::get_num_threads();
+#ifdef LORECOMM_WITH_CUDA
+  if (!core_->inline_mode && it.step->buffer.defined() && it.step->buffer.is_cuda()) {
+    // the bucket is ready on the submitter's current stream: order after it
+    auto ev = std::make_shared<at::cuda::CUDAEvent>();
+    ev->record(c10::cuda::getCurrentCUDAStream(it.step->buffer.device().index()));
+    it.ready_event = ev;
   }
-  if (job.ok_out) job.ok_out->copy_(ok);
-  // 3. bit-identical bases on every rank: compare checksums, repair from rank 0
-  std::vector<at::Tensor> sums;
-  for (const auto& b : job.batches) sums.push_back(bitwise_checksum(b.U));
-  at::Tensor all = at::cat(sums);
-  at::Tensor both = at::cat({all, all.neg()});
-  all_reduce(both, c10d::ReduceOp::MAX, "basis checksum", job);
-  const int64_t n = all.numel();
-  // the one host read of the engine: which bases to broadcast (refresh steps only)
-  at::Tensor differs = both.narrow(0, 0, n).ne(both.narrow(0, n, n).neg()).cpu();
-  const bool* d = differs.data_ptr<bool>();
-  int64_t pos = 0;
-  for (int64_t i = 0; i < nb; ++i) {
-    const auto& b = job.batches[i];
-    const int64_t B = b.U.size(0);
-    const bool repair = std::any_of(d + pos, d + pos + B, [](bool x) { return x; });
-    if (repair) broadcast(b.U, "basis repair", job);
-    if (job.repairs_out) job.repairs_out->select(0, i).fill_(repair ? 1 : 0);
-    pos += B;
+#endif
+  {
+    std::lock_guard<std::mutex> g(core_->mu);
+    if (core_->stop) {
+      fut->setError(std::make_exception_ptr(std::runtime_error(
+          "lorecomm engine: submit after shutdown (" + it.step->label + ")")));
+      return fut;
+    }
+    it.seq = core_->next_seq++;
+    if (it.step->label.empty()) it.step->label = "bucket #" + std::to_string(it.seq);
+    if (!core_->inline_mode) {
+      core_->queue.push_back(std::move(it));
+      core_->cv.notify_one();
+      return fut;
+    }
   }
-  if (!comm.is_same(buf)) buf.copy_(comm);
+  run_item(*core_, it);
+  return fut;
 }
+
+void Engine::drain() {
+  {
+    std::unique_lock<std::mutex> g(core_->mu);
+    core_->idle_cv.wait(g, [&] { return (core_->queue.empty() && !core_->running) || core_->exited; });
+  }
+#ifdef LORECOMM_WITH_CUDA
+  std::shared_ptr<void> stream;
+  int dev;
+  {
+    std::lock_guard<std::mutex> g(core_->mu);
+    stream = core_->stream;
+    dev = core_->stream_device;
+  }
+  if (stream) {
+    // the caller's stream must not run ahead of what the engine enqueued
+    at::cuda::CUDAEvent ev;
+    ev.record(*std::static_pointer_cast<c10::cuda::CUDAStream>(stream));
+    ev.block(c10::cuda::getCurrentCUDAStream(dev));
+  }
+#endif
+}
+
+void Engine::reset() {
+  std::lock_guard<std::mutex> g(core_->mu);
+  core_->failure.reset();
+}
+
+bool Engine::inline_mode() const { return core_->inline_mode; }
+bool Engine::stopped() const {
+  std::lock_guard<std::mutex> g(core_->mu);
+  return core_->stop;
+}
+int Engine::world_size() const { return core_->world_size; }
+std::string Engine::backend() const { return core_->backend; }
+int64_t Engine::steps_done() const {
+  std::lock_guard<std::mutex> g(core_->mu);
+  return core_->done;
+}
+int64_t Engine::pending() const {
+  std::lock_guard<std::mutex> g(core_->mu);
+  return static_cast<int64_t>(core_->queue.size()) + (core_->running ? 1 : 0);
+}
+double Engine::busy_seconds() const {
+  std::lock_guard<std::mutex> g(core_->mu);
+  return core_->busy_s;
+}
+std::optional<std::string> Engine::failure() const {
+  std::lock_guard<std::mutex> g(core_->mu);
+  return core_->failure;
+}
+std::vector<TimelineEntry> Engine::timeline(bool clear) {
+  std::lock_guard<std::mutex> g(core_->mu);
+  auto out = core_->timeline;
+  if (clear) core_->timeline.clear();
+  return out;
+}
+void Engine::set_logging(bool on) {
+  std::lock_guard<std::mutex> g(core_->mu);
+  core_->logging = on;
+}
+std::vector<CollectiveRecord> Engine::collective_log(bool clear) {
+  std::lock_guard<std::mutex> g(core_->mu);
+  auto out = core_->log;
+  if (clear) core_->log.clear();
+  return out;
+}
+bool Engine::on_worker_thread() const { return !core_->inline_mode && std::this_thread::get_id() == core_->worker_id; }
 
 }  // namespace lorecomm::engine

@@ -36,6 +36,6 @@ PYBIND11_MODULE(_C, m) {
     names.append(name);
   }
   m.attr("bindings") = names;
-  m.attr("ops") = pybind11::make_tuple("probe_normal", "score_paper", "score_sketch",
-                                       "project_residual", "decompress", "refresh_basis");
+  m.attr("ops") = pybind11::make_tuple("probe_normal", "probe_keys", "score_paper", "score_sketch",
+                                       "range_sketch", "project_residual", "decompress", "refresh_basis");
 }

@@ -300,7 +300,60 @@ Tensor score_sketch_cpu(const Tensor& G, const Tensor& E, const Tensor& U, const
   return lam;
 }
 
-// R_i = P_i^T H_i; if ok: E_i = H_i - P_i R_i. One pass over G and E.
+// Y_i = H_i Q_i^T (a x c), Q_i (c x b): a sketch of the range of H_i.
+//
+// Per column block, Y_blk^T = Q_blk H_blk^T (c x a) is summed over blocks in a
+// fixed order (deterministic), then transposed.
+Tensor range_sketch_cpu(const Tensor& G, const Tensor& E, const Tensor& Q) {
+  const char* op = "range_sketch";
+  check_grad(op, G, E);
+  const int64_t B = G.size(0), a = G.size(1), b = G.size(2);
+  TORCH_CHECK(Q.dim() == 3, op, ": Q must be 3-D (B, c, b), got ", Q.sizes());
+  const int64_t c = Q.size(1);
+  check_batch3(op, "Q", Q, B, c, b);
+  check_float(op, "Q", Q);
+  Tensor Y = at::empty({B, a, c}, G.options().dtype(at::kFloat));
+  if (B == 0 || a == 0 || c == 0) return Y;
+  if (b == 0) return Y.zero_();
+  const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
+  const Tensor Qc = Q.stride(2) == 1 ? Q : Q.contiguous();
+  const float* q = Qc.const_data_ptr<float>();
+  const int64_t qs0 = Qc.stride(0), ldq = Qc.stride(1);
+  std::vector<float> partial(static_cast<size_t>(B * nblk * c * a));  // Y_blk^T, (c x a) each
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "lorecomm::range_sketch", [&] {
+    const scalar_t* g = G.const_data_ptr<scalar_t>();
+    const float* e = E.const_data_ptr<float>();
+    at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> hb(a * bc);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nblk, blk = t % nblk, c0 = blk * bc, n = std::min(bc, b - c0);
+        load_h(g + i * G.stride(0), G.stride(1), G.stride(2), e + i * E.stride(0), E.stride(1),
+               E.stride(2), a, c0, n, hb.data());
+        // Y_blk^T = Q_blk H_blk^T  (c x a)
+        gemm_rm(false, true, c, a, n, 1.f, q + i * qs0 + c0, ldq, hb.data(), n, 0.f,
+                partial.data() + t * c * a, a);
+      }
+    });
+  });
+  float* y = Y.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> yt(c * a);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(yt.begin(), yt.end(), 0.f);
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const float* p = partial.data() + (i * nblk + blk) * c * a;
+        for (int64_t x = 0; x < c * a; ++x) yt[x] += p[x];
+      }
+      float* yi = y + i * a * c;
+      for (int64_t j = 0; j < a; ++j)
+        for (int64_t qq = 0; qq < c; ++qq) yi[j * c + qq] = yt[qq * a + j];
+    }
+  });
+  return Y;
+}
+
+// R_i = P_i^T H_i rounded to R.dtype; if ok: E_i = H_i - P_i R_i with the rounded
+// R (a low-precision wire's rounding error stays in E). One pass over G and E.
 void project_residual_cpu(const Tensor& G, const Tensor& E, const Tensor& P, const Tensor& R,
                           const Tensor& ok) {
   const char* op = "project_residual";
@@ -311,7 +364,9 @@ void project_residual_cpu(const Tensor& G, const Tensor& E, const Tensor& P, con
   check_batch3(op, "P", P, B, a, r);
   check_batch3(op, "R", R, B, r, b);
   check_float(op, "P", P);
-  check_float(op, "R", R);
+  const auto rdt = R.scalar_type();
+  TORCH_CHECK(rdt == at::kFloat || rdt == at::kBFloat16 || rdt == at::kHalf, op,
+              ": R must be float32, bfloat16 or float16, got ", rdt);
   TORCH_CHECK(ok.numel() == 1 && ok.scalar_type() == at::kBool, op,
               ": ok must be a 0-dim bool tensor");
   const bool update = ok.item<bool>();
@@ -327,8 +382,9 @@ void project_residual_cpu(const Tensor& G, const Tensor& E, const Tensor& P, con
   const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
   const Tensor Pc = P.contiguous();
   const float* p = Pc.const_data_ptr<float>();
-  // R is written in place when its rows are unit-stride (the runtime's factor buffer)
-  Tensor Rw = R.stride(2) == 1 ? R : at::empty({B, r, b}, R.options());
+  // an fp32 R with unit-stride rows (the runtime's factor buffer) is written in place
+  const bool direct = rdt == at::kFloat && R.stride(2) == 1;
+  Tensor Rw = direct ? R : at::empty({B, r, b}, R.options().dtype(at::kFloat));
   float* rw = Rw.data_ptr<float>();
   const int64_t rs0 = Rw.stride(0), ldr = Rw.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "lorecomm::project_residual", [&] {
@@ -344,6 +400,13 @@ void project_residual_cpu(const Tensor& G, const Tensor& E, const Tensor& P, con
         const float* pi = p + i * a * r;
         float* rb = rw + i * rs0 + c0;
         gemm_rm(true, false, r, n, a, 1.f, pi, r, hb.data(), n, 0.f, rb, ldr);  // R_blk = P^T H_blk
+        if (rdt == at::kBFloat16) {  // round in place: the residual uses what is sent
+          for (int64_t q = 0; q < r; ++q)
+            for (int64_t c = 0; c < n; ++c) rb[q * ldr + c] = static_cast<float>(c10::BFloat16(rb[q * ldr + c]));
+        } else if (rdt == at::kHalf) {
+          for (int64_t q = 0; q < r; ++q)
+            for (int64_t c = 0; c < n; ++c) rb[q * ldr + c] = static_cast<float>(c10::Half(rb[q * ldr + c]));
+        }
         if (update) {
           gemm_rm(false, false, a, n, r, -1.f, pi, r, rb, ldr, 1.f, hb.data(), n);  // H_blk - P R_blk, in cache
           store_block(hb.data(), a, n, ei, E.stride(1), E.stride(2), c0);
@@ -351,7 +414,7 @@ void project_residual_cpu(const Tensor& G, const Tensor& E, const Tensor& P, con
       }
     });
   });
-  if (!Rw.is_same(R)) R.copy_(Rw);
+  if (!Rw.is_same(R)) R.copy_(Rw);  // exact: the values are already representable in R's dtype
 }
 
 // out_i = P_i @ Rbar_i, rounded to out.dtype.
@@ -363,7 +426,9 @@ void decompress_cpu(const Tensor& P, const Tensor& Rbar, const Tensor& out) {
   check_batch3(op, "Rbar", Rbar, B, r, b);
   check_batch3(op, "out", out, B, a, b);
   check_float(op, "P", P);
-  check_float(op, "Rbar", Rbar);
+  TORCH_CHECK(Rbar.scalar_type() == at::kFloat || Rbar.scalar_type() == at::kBFloat16 ||
+                  Rbar.scalar_type() == at::kHalf,
+              op, ": Rbar must be float32, bfloat16 or float16, got ", Rbar.scalar_type());
   if (B == 0 || a == 0 || b == 0) return;
   if (r == 0) {
     out.zero_();
@@ -371,7 +436,9 @@ void decompress_cpu(const Tensor& P, const Tensor& Rbar, const Tensor& out) {
   }
   const int64_t bc = column_block(a, b), nblk = cdiv(b, bc);
   const Tensor Pc = P.contiguous();
-  const Tensor Rc = Rbar.stride(2) == 1 ? Rbar : Rbar.contiguous();
+  const Tensor Rc = Rbar.scalar_type() != at::kFloat ? Rbar.to(at::kFloat)  // small: r x b
+                    : Rbar.stride(2) == 1              ? Rbar
+                                                       : Rbar.contiguous();
   const float* p = Pc.const_data_ptr<float>();
   const float* rbar = Rc.const_data_ptr<float>();
   const int64_t rs0 = Rc.stride(0), ldr = Rc.stride(1);
@@ -409,12 +476,15 @@ TORCH_LIBRARY(lorecomm, m) {
   m.def("project_residual(Tensor G, Tensor(a!) E, Tensor P, Tensor(b!) R, Tensor ok) -> ()");
   m.def("decompress(Tensor P, Tensor Rbar, Tensor(a!) out) -> ()");
   m.def("refresh_basis(Tensor H) -> Tensor");  // kernel: csrc/basis.cpp (ATen, every device)
+  m.def("range_sketch(Tensor G, Tensor E, Tensor Q) -> Tensor");
+  m.def("probe_keys(Tensor ids, int seed, int step, int stream) -> Tensor");  // kernel: csrc/keys.cpp
 }
 
 TORCH_LIBRARY_IMPL(lorecomm, CPU, m) {
   m.impl("probe_normal", &lorecomm::probe_normal_cpu);
   m.impl("score_paper", &lorecomm::score_paper_cpu);
   m.impl("score_sketch", &lorecomm::score_sketch_cpu);
+  m.impl("range_sketch", &lorecomm::range_sketch_cpu);
   m.impl("project_residual", &lorecomm::project_residual_cpu);
   m.impl("decompress", &lorecomm::decompress_cpu);
 }

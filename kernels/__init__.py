@@ -1,8 +1,8 @@
 """Triton kernels: the CUDA implementations of ``torch.ops.lorecomm.*``.
 
 Installed as ``lorecomm.kernels``; one op per module (docs/OPS.md):
-``probe_normal``, ``score_paper``, ``score_sketch``, ``project_residual``,
-``decompress``. The launchers take CUDA tensors, or CPU tensors when
+``probe_normal``, ``score_paper``, ``score_sketch``, ``range_sketch``,
+``project_residual``, ``decompress``. The launchers take CUDA tensors, or CPU tensors when
 ``TRITON_INTERPRET=1`` is set before triton is imported (tests, bench --quick).
 
 ``register_cuda_kernels()`` makes them the CUDA kernels of the ops declared in
@@ -17,16 +17,18 @@ import torch
 from .decompress import decompress
 from .probe_normal import probe_normal
 from .project_residual import project_residual
+from .range_sketch import range_sketch
 from .score_paper import score_paper
 from .score_sketch import score_sketch
 
-__all__ = ["probe_normal", "score_paper", "score_sketch", "project_residual",
+__all__ = ["probe_normal", "score_paper", "score_sketch", "range_sketch", "project_residual",
            "decompress", "LAUNCHERS", "register_cuda_kernels", "ops_declared"]
 
 LAUNCHERS = {
     "probe_normal": probe_normal,
     "score_paper": score_paper,
     "score_sketch": score_sketch,
+    "range_sketch": range_sketch,
     "project_residual": project_residual,
     "decompress": decompress,
 }
@@ -45,6 +47,10 @@ def _cuda_score_sketch(G, E, U, keys, k):
     return score_sketch(G, E, U, keys, k)
 
 
+def _cuda_range_sketch(G, E, Q):
+    return range_sketch(G, E, Q)
+
+
 def _cuda_project_residual(G, E, P, R, ok):
     project_residual(G, E, P, R, ok)
 
@@ -57,6 +63,7 @@ _CUDA_IMPLS = {
     "probe_normal": _cuda_probe_normal,
     "score_paper": _cuda_score_paper,
     "score_sketch": _cuda_score_sketch,
+    "range_sketch": _cuda_range_sketch,
     "project_residual": _cuda_project_residual,
     "decompress": _cuda_decompress,
 }

@@ -1,4 +1,4 @@
-"""Shared launcher helpers for the Triton kernels (no kernels in here).
+"""Shared launcher helpers and device functions for the Triton kernels (no kernels in here).
 
 Every launcher works on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU
 tensors (the Triton interpreter), which is how the tests run them without a GPU.
@@ -9,6 +9,8 @@ import contextlib
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -76,3 +78,25 @@ def num_sms(t: torch.Tensor) -> int:
     if t.device.type == "cuda":
         return torch.cuda.get_device_properties(t.device).multi_processor_count
     return 1
+
+
+#: dtype -> MODE of ``round_to`` (and the kernels' OUT_MODE / R_MODE constexprs)
+ROUND_MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@triton.jit
+def round_to(x, MODE: tl.constexpr):
+    """float32 x rounded to nearest even in MODE's dtype (0 fp32, 1 bf16, 2 fp16).
+
+    bf16 by hand on the bits: the GPU's cvt.rn.bf16 gives the same bits, the
+    interpreter's cast does not; NaN stays NaN.
+    """
+    if MODE == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        v = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), v)
+    elif MODE == 2:
+        return x.to(tl.float16)
+    else:
+        return x

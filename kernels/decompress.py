@@ -1,6 +1,7 @@
 """decompress(P, Rbar, out) -> () (docs/OPS.md op 5).
 
 out[i] = P[i] @ Rbar[i] rounded to out.dtype, written straight into ``out``
+(Rbar float32, or bfloat16 / float16 as a low-precision wire delivers it)
 (typically a strided, transposed view of the gradient bucket).
 Grid: (row block x column block, matrix); each program loops over r in
 BLOCK_R chunks with tl.dot, accumulating in float32, and stores once.
@@ -38,18 +39,9 @@ def _decompress_kernel(P, Rb, out, a, b, r,
         p = tl.load(P + i * sPb + rm[:, None] * sPx + rq[None, :] * sPq,
                     mask=mm[:, None] & mq[None, :], other=0.0)
         rr = tl.load(Rb + i * sRb + rq[:, None] * sRq + rc[None, :] * sRc,
-                     mask=mq[:, None] & mc[None, :], other=0.0)
+                     mask=mq[:, None] & mc[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(p, rr, acc, input_precision=PREC)
-    if OUT_MODE == 0:  # float32
-        val = acc
-    elif OUT_MODE == 1:  # bfloat16: round to nearest even by hand; the GPU's
-        # cvt.rn.bf16 gives the same bits, the interpreter's cast does not
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        val = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        val = tl.where(acc != acc, acc.to(tl.bfloat16), val)  # NaN stays NaN
-    else:  # float16: round to nearest even (numpy in the interpreter)
-        val = acc.to(tl.float16)
+    val = C.round_to(acc, OUT_MODE)
     tl.store(out + i * sOb + rm[:, None] * sOx + rc[None, :] * sOc, val,
              mask=mm[:, None] & mc[None, :])
 
@@ -59,7 +51,7 @@ def decompress(P: torch.Tensor, Rbar: torch.Tensor, out: torch.Tensor, *,
                block_n: int | None = None, block_r: int | None = None,
                num_warps: int = 4) -> None:
     C.check_tensor("P", P, 3, (torch.float32,))
-    C.check_tensor("Rbar", Rbar, 3, (torch.float32,))
+    C.check_tensor("Rbar", Rbar, 3, C.GRAD_DTYPES)
     C.check_tensor("out", out, 3, C.GRAD_DTYPES)
     C.same_device(P, Rbar, out)
     B, a, r = P.shape
@@ -81,4 +73,4 @@ def decompress(P: torch.Tensor, Rbar: torch.Tensor, out: torch.Tensor, *,
         _decompress_kernel[grid](
             P, Rbar, out, a, b, r, *P.stride(), *Rbar.stride(), *out.stride(),
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, PREC=C.precision(precision),
-            OUT_MODE={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[out.dtype], num_warps=num_warps)
+            OUT_MODE=C.ROUND_MODE[out.dtype], num_warps=num_warps)

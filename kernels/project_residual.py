@@ -1,8 +1,9 @@
 """project_residual(G, E, P, R, ok) -> () (docs/OPS.md op 4).
 
-H = G + E (formed on load, never stored); R[i] = P[i]^T H[i]; if ``ok``
-(0-dim bool read inside the kernel) E[i] = H[i] - P[i] R[i], else E is left
-untouched.
+H = G + E (formed on load, never stored); R[i] = P[i]^T H[i] rounded to
+R.dtype (float32, or bfloat16 / float16 for a low-precision wire); if ``ok``
+(0-dim bool read inside the kernel) E[i] = H[i] - P[i] R[i] with the rounded
+R (the wire's rounding error stays in E), else E is left untouched.
 
 Grid: (column block of b, matrix). Each program owns all a rows of a
 BLOCK_N-wide column block, so the reduction over a and the residual write are
@@ -35,7 +36,7 @@ def _project_residual_kernel(G, E, P, R, ok_ptr, a, b, r,
                              sRb, sRq, sRc,
                              BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_R: tl.constexpr, ONE_A: tl.constexpr,
-                             ONE_R: tl.constexpr, PREC: tl.constexpr):
+                             ONE_R: tl.constexpr, PREC: tl.constexpr, R_MODE: tl.constexpr):
     pn = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
     rc = (pn * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -58,9 +59,10 @@ def _project_residual_kernel(G, E, P, R, ok_ptr, a, b, r,
             h = g.to(tl.float32) + e
             pt = tl.load(Pb + rx[None, :] * sPx + rq[:, None] * sPq,
                          mask=mq[:, None] & mx[None, :], other=0.0)
-            rblk = tl.dot(pt, h, input_precision=PREC)
-            tl.store(Rb + rq[:, None] * sRq + rc[None, :] * sRc, rblk,
+            rsent = C.round_to(tl.dot(pt, h, input_precision=PREC), R_MODE)
+            tl.store(Rb + rq[:, None] * sRq + rc[None, :] * sRc, rsent,
                      mask=mq[:, None] & mc[None, :])
+            rblk = rsent.to(tl.float32)
             if ok:
                 p = tl.load(Pb + rx[:, None] * sPx + rq[None, :] * sPq,
                             mask=mx[:, None] & mq[None, :], other=0.0)
@@ -78,8 +80,10 @@ def _project_residual_kernel(G, E, P, R, ok_ptr, a, b, r,
                 pt = tl.load(Pb + rx[None, :] * sPx + rq[:, None] * sPq,
                              mask=mq[:, None] & mx[None, :], other=0.0)
                 rblk = tl.dot(pt, h, rblk, input_precision=PREC)
-            tl.store(Rb + rq[:, None] * sRq + rc[None, :] * sRc, rblk,
+            rsent = C.round_to(rblk, R_MODE)
+            tl.store(Rb + rq[:, None] * sRq + rc[None, :] * sRc, rsent,
                      mask=mq[:, None] & mc[None, :])
+            rblk = rsent.to(tl.float32)
             if ok:
                 for x0 in range(0, a, BLOCK_A):
                     rx = (x0 + tl.arange(0, BLOCK_A)).to(tl.int64)
@@ -108,7 +112,7 @@ def _project_residual_kernel(G, E, P, R, ok_ptr, a, b, r,
                 pt = tl.load(Pb + rx[None, :] * sPx + rq[:, None] * sPq,
                              mask=mq[:, None] & mx[None, :], other=0.0)
                 rblk = tl.dot(pt, h, rblk, input_precision=PREC)
-            tl.store(Rb + rq[:, None] * sRq + rc[None, :] * sRc, rblk,
+            tl.store(Rb + rq[:, None] * sRq + rc[None, :] * sRc, C.round_to(rblk, R_MODE),
                      mask=mq[:, None] & mc[None, :])
         tl.debug_barrier()
         if ok:
@@ -125,7 +129,7 @@ def _project_residual_kernel(G, E, P, R, ok_ptr, a, b, r,
                     p = tl.load(Pb + rx[:, None] * sPx + rq[None, :] * sPq,
                                 mask=mx[:, None] & mq[None, :], other=0.0)
                     rr = tl.load(Rb + rq[:, None] * sRq + rc[None, :] * sRc,
-                                 mask=mq[:, None] & mc[None, :], other=0.0)
+                                 mask=mq[:, None] & mc[None, :], other=0.0).to(tl.float32)
                     acc = acc - tl.dot(p, rr, input_precision=PREC)
                 tl.store(Eb + rx[:, None] * sEa + rc[None, :] * sEc, acc, mask=mh)
 
@@ -138,7 +142,7 @@ def project_residual(G: torch.Tensor, E: torch.Tensor, P: torch.Tensor, R: torch
     C.check_tensor("G", G, 3, C.GRAD_DTYPES)
     C.check_tensor("E", E, 3, (torch.float32,))
     C.check_tensor("P", P, 3, (torch.float32,))
-    C.check_tensor("R", R, 3, (torch.float32,))
+    C.check_tensor("R", R, 3, C.GRAD_DTYPES)
     C.check(isinstance(ok, torch.Tensor) and ok.dim() == 0 and ok.dtype == torch.bool,
             "ok must be a 0-dim bool tensor")
     C.same_device(G, E, P, R, ok)
@@ -167,4 +171,4 @@ def project_residual(G: torch.Tensor, E: torch.Tensor, P: torch.Tensor, R: torch
             G, E, P, R, ok, a, b, r,
             *G.stride(), *E.stride(), *P.stride(), *R.stride(),
             BLOCK_A=BA, BLOCK_N=BN, BLOCK_R=BR, ONE_A=one_a, ONE_R=one_r,
-            PREC=C.precision(precision), num_warps=num_warps)
+            PREC=C.precision(precision), R_MODE=C.ROUND_MODE[R.dtype], num_warps=num_warps)

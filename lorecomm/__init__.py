@@ -1,20 +1,29 @@
 """lorecomm: low-rank compressed gradient communication for data-parallel training.
 
->>> state = lorecomm.register(ddp_model, rank=32)      # GreedyLore, one line
+>>> state = lorecomm.register(ddp_model, rank=16)                  # Lore, the default
+>>> state = lorecomm.register(ddp_model, compression=16)           # a byte budget instead of a rank
+>>> state = lorecomm.register(ddp_model, compressor="greedylore", rank=32)   # the paper's GreedyLore
 """
 from __future__ import annotations
 
 from .dense import DenseState, dense_hook
 from .greedylore import GreedyLoreState, greedylore_hook
+from .lore import LoreState, lore_hook
 from .random_linear import RandomLinearState, random_linear_hook
+from .replicas import replicas_identical
 from .state import CommState
 
 __all__ = [
-    "CommState", "DenseState", "GreedyLoreState", "RandomLinearState",
-    "dense_hook", "greedylore_hook", "random_linear_hook", "hook_for", "register",
+    "CommState", "DenseState", "GreedyLoreState", "LoreState", "RandomLinearState", "COMPRESSORS",
+    "dense_hook", "greedylore_hook", "lore_hook", "random_linear_hook", "hook_for", "register",
+    "replicas_identical",
 ]
 
-_HOOKS = {GreedyLoreState: greedylore_hook, RandomLinearState: random_linear_hook, DenseState: dense_hook}
+#: ``register(..., compressor=name)``: the state class each name builds
+COMPRESSORS = {"lore": LoreState, "greedylore": GreedyLoreState, "random_linear": RandomLinearState,
+               "dense": DenseState}
+_HOOKS = {LoreState: lore_hook, GreedyLoreState: greedylore_hook, RandomLinearState: random_linear_hook,
+          DenseState: dense_hook}
 
 
 def hook_for(state: CommState):
@@ -25,11 +34,12 @@ def hook_for(state: CommState):
     raise TypeError(f"no lorecomm hook for {type(state).__name__}")
 
 
-def register(ddp_model, state: CommState | None = None, **config) -> CommState:
+def register(ddp_model, state: CommState | None = None, compressor: str = "lore", **config) -> CommState:
     """Register a lorecomm hook on a DDP model and return its state.
 
-    ``register(ddp, rank=32, ...)`` builds a GreedyLoreState from ``config``;
-    ``register(ddp, state=lorecomm.RandomLinearState(...))`` uses the given one.
+    ``register(ddp, rank=16, ...)`` builds a LoreState (the default compressor)
+    from ``config``; ``compressor="greedylore"`` (or "random_linear", "dense")
+    builds that state instead; ``register(ddp, state=...)`` uses the given one.
     The process group defaults to the DDP model's.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -39,10 +49,12 @@ def register(ddp_model, state: CommState | None = None, **config) -> CommState:
             f"lorecomm.register expects a torch.nn.parallel.DistributedDataParallel model, got "
             f"{type(ddp_model).__name__}; wrap it in DDP first (other stacks: see lorecomm.integrations)")
     if state is None:
+        if compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {', '.join(map(repr, COMPRESSORS))}; got {compressor!r}")
         config.setdefault("process_group", ddp_model.process_group)
-        state = GreedyLoreState(**config)
-    elif config:
-        raise ValueError(f"pass either a state or config keywords, not both (got {sorted(config)})")
+        state = COMPRESSORS[compressor](**config)
+    elif config or compressor != "lore":
+        raise ValueError(f"pass either a state or compressor/config keywords, not both (got {sorted(config)})")
     state.bind(ddp_model)
     ddp_model.register_comm_hook(state, hook_for(state))
     return state

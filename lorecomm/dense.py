@@ -20,13 +20,10 @@ class DenseState(CommState):
     def config(self) -> dict:
         return {**super().config(), "dtype": str(self.dtype)}
 
-    def _reduce_phase(self, phase: str, plan: BucketPlan, buffer: torch.Tensor) -> int:
-        if self.dtype is None or self.dtype == buffer.dtype:
-            return self._all_reduce_mean(buffer)
-        wire = buffer.to(self.dtype)
-        sent = self._all_reduce_mean(wire)
-        buffer.copy_(wire)
-        return sent
+    def _step_for(self, phase: str, plan: BucketPlan, buffer: torch.Tensor, t: int):
+        from . import _C
+
+        return _C.DenseStep(buffer, wire=self.dtype)
 
 
 def dense_hook(state: DenseState, bucket) -> torch.futures.Future[torch.Tensor]:

@@ -24,8 +24,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
         "(needs cmake>=3.18 and a C++20 compiler; the CPU build needs no CUDA)."
     ) from exc
 
-__all__ = ["probe_normal", "score_paper", "score_sketch", "project_residual", "decompress",
-           "refresh_basis", "BACKEND"]
+__all__ = ["probe_normal", "probe_keys", "score_paper", "score_sketch", "range_sketch", "project_residual",
+           "decompress", "refresh_basis", "BACKEND"]
 
 _ops = torch.ops.lorecomm
 
@@ -46,6 +46,17 @@ def _score_paper_fake(G, E, U, keys):
 def _score_sketch_fake(G, E, U, keys, k):
     torch._check(G.dim() == 3, lambda: "score_sketch: G must be 3-D")
     return G.new_empty((G.shape[0], G.shape[1], k), dtype=torch.float32)
+
+
+@torch.library.register_fake("lorecomm::range_sketch")
+def _range_sketch_fake(G, E, Q):
+    torch._check(G.dim() == 3 and Q.dim() == 3, lambda: "range_sketch: G and Q must be 3-D")
+    return G.new_empty((G.shape[0], G.shape[1], Q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("lorecomm::probe_keys")
+def _probe_keys_fake(ids, seed, step, stream):
+    return torch.empty_like(ids)
 
 
 @torch.library.register_fake("lorecomm::project_residual")
@@ -86,9 +97,20 @@ def score_sketch(G: torch.Tensor, E: torch.Tensor, U: torch.Tensor, keys, k: int
     return _ops.score_sketch(G, E, U, _keys(keys, G.device), int(k))
 
 
+def probe_keys(ids: torch.Tensor, seed: int, step: int, stream: int) -> torch.Tensor:
+    """(B,) int64 Philox keys, ``probes.probe_key(seed, step, ids[i], stream)``, on ids' device."""
+    return _ops.probe_keys(ids, int(seed), int(step), int(stream))
+
+
+def range_sketch(G: torch.Tensor, E: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """(B, a, c) float32: ``(G+E) @ Q^T`` with Q (B, c, b): a sketch of the range of H."""
+    return _ops.range_sketch(G, E, Q)
+
+
 def project_residual(G: torch.Tensor, E: torch.Tensor, P: torch.Tensor, R: torch.Tensor,
                      ok) -> None:
-    """``R = P^T (G+E)``; if ``ok``: ``E = (G+E) - P R`` (E untouched otherwise)."""
+    """``R = P^T (G+E)`` rounded to R.dtype; if ``ok``: ``E = (G+E) - P R`` with the
+    rounded R (E untouched otherwise)."""
     if not isinstance(ok, torch.Tensor):
         ok = torch.tensor(bool(ok), device=G.device)
     _ops.project_residual(G, E, P, R, ok)

@@ -16,6 +16,11 @@ from typing import Callable, Sequence
 
 import torch
 
+#: parameters whose names contain one of these stay dense by default: the
+#: embeddings and output heads the paper keeps dense (torch / Hugging Face and
+#: GPT-2 style names); embedding modules are also found by type (CommState.bind)
+DEFAULT_DENSE_PATTERNS = ("embed", "lm_head", "wte", "wpe")
+
 
 @dataclass(frozen=True)
 class MatrixSlot:
@@ -49,6 +54,8 @@ class Batch:
     stride: int = 0
     #: the state's batched tensors for these matrices (error buffer, basis, ...)
     tensors: dict = field(default_factory=dict)
+    #: (B,) int64 parameter ids on the bucket's device (they key the shared draws)
+    ids: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -94,6 +101,8 @@ class BucketPlan:
     numel: int
     batches: list[Batch] = field(default_factory=list)
     dense_ranges: list[tuple[int, int]] = field(default_factory=list)
+    #: ids of every parameter in the bucket (compressed or dense)
+    param_ids: tuple[int, ...] = ()
 
     @property
     def dense_numel(self) -> int:
@@ -137,6 +146,16 @@ def compressed_rank(m: int, n: int, rank: int, min_compression_rate: float) -> i
     return r if max(m, n) * r * min_compression_rate < m * n else None
 
 
+def lore_rank(m: int, n: int, rank: int, min_compression_rate: float) -> int | None:
+    """Lore's rank for an m x n matrix, or None where it does not pay.
+
+    r is capped at min(m, n); compress only if (m + n) * r * rate < m * n
+    (elements sent: the sketch and the factors; torch's PowerSGD rule).
+    """
+    r = min(rank, m, n)
+    return r if (m + n) * r * min_compression_rate < m * n else None
+
+
 def name_is_dense(name: str, patterns: Sequence[str]) -> bool:
     """A parameter is kept dense when a pattern is a substring or glob of its name."""
     return any(p in name or fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -145,13 +164,13 @@ def name_is_dense(name: str, patterns: Sequence[str]) -> bool:
 def build_plan(
     numel: int,
     params: Sequence[tuple[int, str, tuple[int, ...], int]],
-    rank_for: Callable[[int, int, str], int | None],
+    rank_for: Callable[[int, int, str, int], int | None],
 ) -> BucketPlan:
     """Plan one bucket.
 
     ``params``: (param_id, name, shape, offset) of each gradient in the bucket.
-    ``rank_for(m, n, name)``: the rank to compress an m x n matrix with, or
-    None to keep it dense (the rank-selection policy lives in the state).
+    ``rank_for(m, n, name, param_id)``: the rank to compress an m x n matrix
+    with, or None to keep it dense (the rank-selection policy lives in the state).
     """
     slots: list[tuple[MatrixSlot, int]] = []
     covered: list[tuple[int, int]] = []
@@ -166,7 +185,7 @@ def build_plan(
         mn = matrix_shape(shape)
         if mn is None:
             continue
-        r = rank_for(mn[0], mn[1], name)
+        r = rank_for(mn[0], mn[1], name, pid)
         if r is None:
             continue
         slots.append((MatrixSlot(pid, name, offset, mn[0], mn[1]), r))
@@ -177,7 +196,7 @@ def build_plan(
         if s1 < e0:
             raise ValueError("two compressed gradients overlap in the bucket")
 
-    plan = BucketPlan(numel=numel)
+    plan = BucketPlan(numel=numel, param_ids=tuple(pid for pid, _, _, _ in params))
     plan.batches = _batch_same_shapes(slots)
     pos = 0
     for s, e in covered:

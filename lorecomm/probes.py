@@ -70,6 +70,17 @@ def _uint_to_uniform(x: np.ndarray) -> np.ndarray:
     return s.astype(np.float32) * np.float32(4.6566127342e-10)
 
 
+def uniform(key: int, offsets) -> np.ndarray:
+    """float32 U[0, 1) samples, identical to ``tl.rand(key, offsets)``."""
+    i1, _ = philox_uint32x2(key, offsets)
+    return _uint_to_uniform(i1)
+
+
+def coin(seed: int, step: int, stream: int, p: float) -> bool:
+    """A biased coin every rank flips alike: True with probability ``p`` for (seed, step, stream)."""
+    return bool(uniform(probe_key(seed, step, 0, stream), np.zeros(1, dtype=np.uint64))[0] < np.float32(p))
+
+
 def randn(key: int, offsets) -> np.ndarray:
     """float32 N(0, 1) samples, identical to ``tl.randn(key, offsets)``."""
     i1, i2 = philox_uint32x2(key, offsets)

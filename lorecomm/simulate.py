@@ -2,11 +2,12 @@
 
 A direct reading of ALGORITHM.md, one matrix at a time, with explicit loops
 over ranks and no shared code with the runtime's maths; only the random draws
-(probes, random columns, frames) are shared, so both see the same randomness.
-The tests hold the runtime on real Gloo ranks against it, and the convergence
-benchmarks use it for world sizes a 2-core machine cannot run as processes.
+(probes, random indices, frames: ``lorecomm.sketches``) are shared, so both see
+the same randomness. The tests hold the runtime on real Gloo ranks against it,
+and the convergence benchmarks use it for world sizes a 2-core machine cannot
+run as processes.
 
-    sim = SimulatedGreedyLore(world_size=4, params=[("w", (64, 32)), ("b", (64,))], rank=4)
+    sim = SimulatedLore(world_size=4, params=[("w", (64, 32)), ("b", (64,))], rank=4)
     avg = sim.step(grads)   # grads[i][p]: rank i's gradient of parameter p
 """
 from __future__ import annotations
@@ -15,10 +16,28 @@ from typing import Sequence
 
 import torch
 
-from .plan import compressed_rank, matrix_shape, name_is_dense
-from .probes import probe_key, probe_matrix
-from .random_linear import frame
-from .sketches import random_columns, random_coordinates
+from .plan import DEFAULT_DENSE_PATTERNS, compressed_rank, lore_rank, matrix_shape, name_is_dense
+from .probes import coin, probe_key, probe_matrix
+from .sketches import gaussian_frame, haar_frame, random_indices
+
+F64 = torch.float64
+
+
+def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
+    """Householder QR's Q with the signs fixed by R's diagonal (what the engine computes)."""
+    q, r = torch.linalg.qr(Y)
+    d = torch.sign(torch.diagonal(r))
+    return q * torch.where(d == 0, torch.ones_like(d), d)
+
+
+def _on_wire(x: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
+    """x rounded to the wire dtype (kept in float64)."""
+    return x if wire == F64 else x.to(wire).to(F64)
+
+
+def _mean_on_wire(xs: list[torch.Tensor], wire: torch.dtype) -> torch.Tensor:
+    """What every rank holds after a sum all-reduce of x_i / N in the wire dtype."""
+    return _on_wire(sum(_on_wire(x / len(xs), wire) for x in xs), wire)
 
 
 class _Simulated:
@@ -57,7 +76,7 @@ class _Simulated:
     def _zeros(self, p: int):
         mn = matrix_shape(self.params[p][1])
         if self.ranks and self.ranks[p] is not None:
-            return torch.zeros(min(mn), max(mn), dtype=torch.float64)
+            return torch.zeros(min(mn), max(mn), dtype=F64)
         return None
 
     def compressed_params(self) -> list[int]:
@@ -71,12 +90,15 @@ class _Simulated:
         for p, (name, shape) in enumerate(self.params):
             gs = [grads[i][p].double() for i in range(self.N)]
             if self.ranks[p] is None or self._dense_step():
-                out.append(sum(gs) / self.N)
-                self.bytes_sent += 4 * gs[0].numel()
+                out.append(self._dense(p, gs))
             else:
                 hs = [self._oriented(p, g) + (self.E[i][p] if self.error_feedback else 0) for i, g in enumerate(gs)]
                 out.append(self._unoriented(p, self._matrix_step(p, hs)))
         return out
+
+    def _dense(self, p: int, gs: list[torch.Tensor]) -> torch.Tensor:
+        self.bytes_sent += 4 * gs[0].numel()
+        return sum(gs) / self.N
 
     def _dense_step(self) -> bool:
         return self.t <= self.start_step
@@ -85,19 +107,91 @@ class _Simulated:
         raise NotImplementedError
 
 
+class SimulatedLore(_Simulated):
+    """N simulated ranks of Lore, lorecomm's default compressor (same arguments as LoreState).
+
+    Per oriented a x b matrix at rank r, on a step that explores (a shared coin
+    with probability ``explore``) k = 1 of the r directions is random (k = 0
+    otherwise): Y_i = H_i Q[:r-k]^T, Ybar averaged on the wire,
+    V = orth([Ybar, W]) with W the step's shared Gaussian a x k,
+    R_i = V^T H_i rounded to the wire dtype, E_i = H_i - V R_i, Rbar averaged
+    on the wire, output V Rbar, Q = Rbar's rows by decreasing norm. The last
+    warm-up step initialises Q from the averaged gradient (a randomized range
+    finder); compressed steps send the dense leftovers on the wire too.
+    """
+
+    def __init__(self, world_size: int, params, rank: int = 32, start_step: int = 1000,
+                 min_compression_rate: float = 2.0, explore: float = 0.125, wire: torch.dtype = torch.bfloat16,
+                 seed: int = 0, dense_name_patterns=DEFAULT_DENSE_PATTERNS):
+        self.explore = explore
+        self.wire = F64 if wire == torch.float64 else wire
+        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, True, start_step)
+        self.Q: dict[int, torch.Tensor] = {}
+        for p in self.compressed_params():
+            a, b = self._zeros(p).shape
+            self.Q[p] = probe_matrix(probe_key(seed, 0, p, 4), self.ranks[p], b).double()
+
+    @staticmethod
+    def _compressed_rank(m: int, n: int, rank: int, rate: float) -> int | None:
+        return lore_rank(m, n, rank, rate)
+
+    @property
+    def _wire_bytes(self) -> int:
+        return torch.tensor([], dtype=self.wire).element_size()
+
+    def _dense(self, p: int, gs: list[torch.Tensor]) -> torch.Tensor:
+        if self._dense_step():
+            mean = sum(gs) / self.N
+            self.bytes_sent += 4 * gs[0].numel()
+            if self.t == self.start_step and self.ranks[p] is not None:
+                self._warm_start(p, self._oriented(p, mean))
+            return mean
+        self.bytes_sent += self._wire_bytes * gs[0].numel()
+        return _mean_on_wire([g.double() for g in gs], self.wire)
+
+    def _warm_start(self, p: int, gbar: torch.Tensor) -> None:
+        """Q from the averaged gradient of the last warm-up step (every rank holds it)."""
+        r = self.ranks[p]
+        V = _orthonormal(gbar @ probe_matrix(probe_key(self.seed, self.t, p, 4), gbar.shape[1], r).double())
+        self.Q[p] = self._by_energy(V.t() @ gbar)
+
+    @staticmethod
+    def _by_energy(R: torch.Tensor) -> torch.Tensor:
+        order = sorted(range(R.shape[0]), key=lambda j: (-float(R[j].square().sum()), j))
+        return R[order]
+
+    def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
+        a, b = hs[0].shape
+        r = self.ranks[p]
+        k = min(r - 1, 1 if coin(self.seed, self.t, 5, self.explore) else 0)
+        wire = self.wire
+        Ybar = _mean_on_wire([h @ self.Q[p][:r - k].t() for h in hs], wire)
+        cols = [Ybar]
+        if k:
+            cols.append(probe_matrix(probe_key(self.seed, self.t, p, 3), a, k).double())
+        V = _orthonormal(torch.cat(cols, 1))
+        Rs = [_on_wire(V.t() @ h, wire) for h in hs]
+        for i in range(self.N):
+            self.E[i][p] = hs[i] - V @ Rs[i]
+        Rbar = _mean_on_wire(Rs, wire)
+        self.Q[p] = self._by_energy(Rbar)
+        self.bytes_sent += self._wire_bytes * (a * (r - k) + r * b)
+        return V @ Rbar
+
+
 class SimulatedGreedyLore(_Simulated):
     """N simulated ranks of GreedyLore (same arguments as GreedyLoreState)."""
 
     def __init__(self, world_size: int, params, rank: int = 32, update_interval: int = 200, start_step: int = 1000,
                  min_compression_rate: float = 2.0, selection: str = "greedy", probes: str = "sketch",
                  sketch_size: int = 4, error_feedback: bool = True, seed: int = 0,
-                 dense_name_patterns=("embed", "lm_head")):
+                 dense_name_patterns=DEFAULT_DENSE_PATTERNS):
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
                          start_step)
         self.tau = update_interval
         self.selection, self.probes, self.k = selection, probes, sketch_size
         self.U: dict[int, torch.Tensor] = {
-            p: torch.eye(self._zeros(p).shape[0], dtype=torch.float64) for p in self.compressed_params()}
+            p: torch.eye(self._zeros(p).shape[0], dtype=F64) for p in self.compressed_params()}
 
     def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
         a, b = hs[0].shape
@@ -130,7 +224,7 @@ class SimulatedGreedyLore(_Simulated):
             J = torch.arange(r)
             self.bytes_sent += 4
         else:
-            J = random_columns(probe_key(self.seed, self.t, p, 1), a, r)
+            J = random_indices(probe_key(self.seed, self.t, p, 1), a, r)
             self.bytes_sent += 4
         P = U[:, J]
         Rs = [P.t() @ h for h in hs]
@@ -141,12 +235,23 @@ class SimulatedGreedyLore(_Simulated):
         return P @ (sum(Rs) / N)
 
 
+def random_frame(kind: str, key: int, a: int, r: int, unbiased: bool) -> torch.Tensor:
+    """The a x r frame of a randomized linear compressor at one step (float64), scaled
+    as the engine scales it: haar orthonormal, gaussian entries of variance 1/r
+    (unbiased) or 1/a (with error feedback)."""
+    if kind == "haar":
+        return haar_frame(key, a, r)
+    if kind == "gaussian":
+        return gaussian_frame(key, a, r) / (r if unbiased else a) ** 0.5
+    raise ValueError(kind)
+
+
 class SimulatedRandomLinear(_Simulated):
     """N simulated ranks of the randomized linear compressors (as RandomLinearState)."""
 
     def __init__(self, world_size: int, params, kind: str = "haar", rank: int = 32, error_feedback: bool = False,
                  seed: int = 0, start_step: int = 0, min_compression_rate: float = 2.0,
-                 dense_name_patterns=("embed", "lm_head")):
+                 dense_name_patterns=DEFAULT_DENSE_PATTERNS):
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
                          start_step)
         self.kind = kind
@@ -159,14 +264,14 @@ class SimulatedRandomLinear(_Simulated):
         key = probe_key(self.seed, self.t, p, 2)
         self.bytes_sent += 4 * r * b
         if self.kind == "randk":
-            idx = random_coordinates(key, a * b, r * b)
-            mask = torch.zeros(a * b, dtype=torch.float64)
+            idx = random_indices(key, a * b, r * b)
+            mask = torch.zeros(a * b, dtype=F64)
             mask[idx] = 1.0
             mask = mask.view(a, b)
             sent = [h * mask for h in hs]
             scale = a / r if unbiased else 1.0
         else:
-            Q = frame(self.kind, key, a, r, unbiased).float().double()  # the runtime's float32 frame
+            Q = random_frame(self.kind, key, a, r, unbiased).float().double()  # the runtime's float32 frame
             sent = [Q @ (Q.t() @ h) for h in hs]
             scale = a / r if (unbiased and self.kind == "haar") else 1.0
         if self.error_feedback:
@@ -191,7 +296,7 @@ class SimulatedPowerSGD(_Simulated):
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
                          start_step)
         g = torch.Generator().manual_seed(seed)
-        self.Q = {p: torch.randn(matrix_shape(self.params[p][1])[1], r, generator=g, dtype=torch.float64)
+        self.Q = {p: torch.randn(matrix_shape(self.params[p][1])[1], r, generator=g, dtype=F64)
                   for p, r in enumerate(self.ranks) if r is not None}
 
     @staticmethod
@@ -203,7 +308,7 @@ class SimulatedPowerSGD(_Simulated):
     def _zeros(self, p: int):
         # PowerSGD works on the m x n view as is: unoriented error buffers
         mn = matrix_shape(self.params[p][1])
-        return torch.zeros(*mn, dtype=torch.float64) if self.ranks and self.ranks[p] is not None else None
+        return torch.zeros(*mn, dtype=F64) if self.ranks and self.ranks[p] is not None else None
 
     # PowerSGD works on the m x n view as is (no orientation)
     def _oriented(self, p: int, g: torch.Tensor) -> torch.Tensor:

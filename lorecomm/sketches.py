@@ -1,37 +1,34 @@
-"""Shared random draws: every rank derives the same matrices from one key.
+"""Shared random draws, the readable reference of what the engine derives on device.
 
-Used by the runtime and by the float64 simulation alike, so both draw the
-same random columns and frames. Keys come from ``probes.probe_key``.
+Every rank draws the same matrices from one key (``probes.probe_key`` of seed,
+step, parameter id and stream) without communicating; the engine
+(csrc/steps/) computes them from the same Philox probes
+(``torch.ops.lorecomm.probe_normal``), the float64 simulation
+(``lorecomm.simulate``) from these functions, so both see the same randomness
+(up to the last ulp of the probes' log/cos).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-
-def _generator(key: int) -> torch.Generator:
-    g = torch.Generator(device="cpu")
-    g.manual_seed(key)
-    return g
+from .probes import probe_matrix, randn
 
 
-def random_columns(key: int, a: int, r: int) -> torch.Tensor:
-    """r distinct indices out of range(a), sorted (int64, CPU)."""
-    return torch.randperm(a, generator=_generator(key))[:r].sort().values
-
-
-def random_coordinates(key: int, d: int, k: int) -> torch.Tensor:
-    """k distinct coordinates out of range(d), sorted (int64, CPU)."""
-    return torch.randperm(d, generator=_generator(key))[:k].sort().values
+def random_indices(key: int, n: int, r: int) -> torch.Tensor:
+    """r distinct indices out of range(n), sorted (int64): the r smallest of n shared N(0, 1) draws."""
+    draws = randn(key, np.arange(n, dtype=np.uint64))
+    return torch.from_numpy(np.sort(np.argsort(draws, kind="stable")[:r]).astype(np.int64))
 
 
 def haar_frame(key: int, a: int, r: int) -> torch.Tensor:
-    """a x r matrix with orthonormal columns, Haar distributed (float64, CPU)."""
-    x = torch.randn(a, r, generator=_generator(key), dtype=torch.float64)
-    q, rr = torch.linalg.qr(x)
-    # fix QR's sign convention so the frame is Haar distributed
-    return q * torch.sign(torch.diagonal(rr)).where(torch.diagonal(rr) != 0, torch.ones(()))
+    """a x r matrix with orthonormal columns, Haar distributed (float64): the sign-fixed
+    Q factor of the key's a x r Gaussian probe block."""
+    q, rr = torch.linalg.qr(probe_matrix(key, a, r).double())
+    d = torch.sign(torch.diagonal(rr))
+    return q * torch.where(d == 0, torch.ones_like(d), d)
 
 
 def gaussian_frame(key: int, a: int, r: int) -> torch.Tensor:
-    """a x r matrix of i.i.d. N(0, 1) entries (float64, CPU); callers scale it."""
-    return torch.randn(a, r, generator=_generator(key), dtype=torch.float64)
+    """a x r matrix of i.i.d. N(0, 1) entries (float64): the key's probe block; callers scale it."""
+    return probe_matrix(key, a, r).double()

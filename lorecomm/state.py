@@ -1,10 +1,13 @@
 """What every lorecomm communication state shares.
 
-A state owns the step counter, the byte accounting, the parameter identities
-and the per-bucket plans; subclasses implement ``_reduce_phase``: the maths of
-one bucket in one phase. The DDP hook and every integration reach a state
-through ``reduce`` / ``reduce_async`` (one bucket at a time, same buckets in the
-same order on every rank).
+A state owns the configuration, the step counter, the parameter identities,
+the per-bucket plans with their state tensors, the stats and the checkpoints;
+no maths. Per bucket it builds the engine step of its compressor
+(``_step_for``: a ``lorecomm._C`` step object) and submits it to the engine it
+shares with every lorecomm state on the same ranks (``lorecomm.engine``); the
+engine runs it and reports what it sent. The DDP hook and every integration
+reach a state through ``reduce`` / ``reduce_async`` (one bucket at a time,
+same buckets in the same order on every rank).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .plan import BucketPlan, build_plan, name_is_dense
+from . import engine as _engine
+from .plan import DEFAULT_DENSE_PATTERNS, BucketPlan, build_plan, name_is_dense
 
 
 def check_int(name: str, value: Any, low: int) -> int:
@@ -39,6 +43,12 @@ def check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_patterns(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str) or not all(isinstance(p, str) for p in value):
         raise ValueError(f"{name} must be a sequence of strings, e.g. ('embed', 'lm_head'); got {value!r}")
@@ -49,22 +59,53 @@ def _elem_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def embedding_parameters(module: torch.nn.Module) -> set[int]:
+    """ids of the parameters of embedding modules and of output heads shaped like an
+    embedding table (untied LM heads); tied heads are the embedding's own parameter."""
+    tables = [m.weight for m in module.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+    found = {id(w) for w in tables}
+    shapes = {tuple(w.shape) for w in tables}
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear) and tuple(m.weight.shape) in shapes:
+            found.add(id(m.weight))
+    return found
+
+
 class CommState:
-    """Base of the states: identity, step counter, stats, plans, checkpoints."""
+    """Base of the states: identity, step counter, stats, plans, checkpoints.
+
+    Args:
+        process_group: the ranks to average over (None: the default group). The
+            engine communicates on a private group over the same ranks.
+        dense_name_patterns: parameters whose names contain (or glob-match)
+            one of these stay dense.
+        dense_embeddings: keep embedding tables (``nn.Embedding``,
+            ``nn.EmbeddingBag``) and output heads of the same shape dense.
+        grad_scaler: the ``torch.amp.GradScaler`` that scales this model's loss,
+            if any: buckets are compressed in unscaled units, so error buffers
+            never mix loss scales.
+    """
 
     #: phase names, in the order the stats report them
     PHASES: tuple[str, ...] = ("dense",)
 
-    def __init__(self, process_group=None, dense_name_patterns=("embed", "lm_head")):
+    def __init__(self, process_group=None, dense_name_patterns=DEFAULT_DENSE_PATTERNS, dense_embeddings: bool = True,
+                 grad_scaler=None):
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise ValueError(
                 f"process_group must be a torch.distributed.ProcessGroup or None (the default group); "
                 f"got {type(process_group).__name__}")
+        if grad_scaler is not None and not hasattr(grad_scaler, "get_scale"):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler (or None), got {type(grad_scaler).__name__}")
         self.process_group = process_group
         self.dense_name_patterns = check_patterns("dense_name_patterns", dense_name_patterns)
+        self.dense_embeddings = check_bool("dense_embeddings", dense_embeddings)
+        self.grad_scaler = grad_scaler
         self.step = 0  # completed optimizer steps; the current one-based step is step + 1
         self._model_ref: weakref.ref | None = None
         self._params: dict[int, tuple[int, str]] = {}  # id(param) -> (param_id, name)
+        self._dense_params: set[int] = set()  # id(param) of embedding tables / heads
+        self._rt: _engine.Runtime | None = None
         self._plans: dict[tuple, BucketPlan] = {}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}  # loaded, not yet placed
         self._slot_tensors: dict[int, dict[str, torch.Tensor]] = {}  # param_id -> views into batches
@@ -72,12 +113,13 @@ class CommState:
         self._calls = 0
         self._bytes_sent = 0
         self._bytes_dense = 0
+        self._collectives = 0
         self._bytes_by_phase = {p: 0 for p in self.PHASES}
         self._steps_by_phase = {p: 0 for p in self.PHASES}
-        self._step_phase: str | None = None
         self._nonfinite = None  # device counter of steps with a skipped (non-finite) bucket
         self._step_bad = None   # device flag: a bucket of the current step was non-finite
-        self._counter_lock = threading.Lock()  # engine callbacks count from the worker thread
+        self._repairs = 0
+        self._counter_lock = threading.Lock()  # completions count from the engine's worker thread
 
     # ----------------------------------------------------------------- identity
     @property
@@ -98,6 +140,8 @@ class CommState:
         ``model``: a module (DDP-wrapped or not) or an iterable of (name, param).
         Parameter ids are positions in ``named_parameters()`` order, which is
         the same on every rank and across restarts of the same model code.
+        With torch.distributed initialized this also joins (collectively) the
+        engine of the state's ranks.
         """
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -105,9 +149,11 @@ class CommState:
             owner = model
             module = model.module if isinstance(model, DDP) else model
             named = list(module.named_parameters())
+            dense = embedding_parameters(module) if self.dense_embeddings else set()
         else:
             owner = None
             named = list(model)
+            dense = set()
         if self._model_ref is not None:
             bound = self._model_ref()
             if bound is not None and bound is not owner:
@@ -119,7 +165,10 @@ class CommState:
         if owner is not None:
             self._model_ref = weakref.ref(owner)
         self._params = {id(p): (i, name) for i, (name, p) in enumerate(named)}
+        self._dense_params = dense
         self._plans.clear()
+        if dist.is_available() and dist.is_initialized():
+            self._runtime()
         return self
 
     def _identity(self, param: torch.Tensor) -> tuple[int, str]:
@@ -144,6 +193,25 @@ class CommState:
         raise RuntimeError(
             "lorecomm hooks must be registered on a torch.nn.parallel.DistributedDataParallel model "
             "(ddp_model.register_comm_hook(state, hook)) or use lorecomm.register(ddp_model)")
+
+    # ------------------------------------------------------------------ engine
+    def _runtime(self) -> _engine.Runtime:
+        """This state's engine (shared with every state on the same ranks), joined on first use."""
+        if self._rt is None or self._rt.engine.stopped:
+            self._rt = _engine.runtime_for(self.group)
+        return self._rt
+
+    def _drain(self, caller: str) -> None:
+        """Wait for every bucket of the engine; refuses to wait from the engine's own thread."""
+        if self._rt is None:
+            return
+        eng = self._rt.engine
+        if eng.on_worker_thread():
+            raise RuntimeError(
+                f"{type(self).__name__}.{caller}() was called from a callback of a lorecomm future, on the "
+                f"engine's worker thread: it would wait for the worker itself. Call it after the future "
+                f"completed (e.g. after backward() returned)")
+        eng.drain()
 
     # -------------------------------------------------------------------- plans
     def _rank_for(self, m: int, n: int, name: str) -> int | None:
@@ -170,11 +238,45 @@ class CommState:
                tuple((pid, int(o)) for (pid, _), o in zip(ids, offsets)))
         plan = self._plans.get(key)
         if plan is None:
-            described = [(pid, name, tuple(p.shape), int(o)) for (pid, name), p, o in zip(ids, params, offsets)]
-            plan = build_plan(buffer.numel(), described, self._rank_for)
-            self._init_plan_state(plan, buffer.device)
-            self._plans[key] = plan
+            plan = self._new_plan(key, buffer, params, ids, offsets)
         return plan
+
+    def _new_plan(self, key, buffer, params, ids, offsets) -> BucketPlan:
+        self._check_device(buffer)
+        dense_ids = {pid for p, (pid, _) in zip(params, ids) if id(p) in self._dense_params}
+
+        def rank_for(m: int, n: int, name: str, pid: int) -> int | None:
+            if pid in dense_ids or name_is_dense(name, self.dense_name_patterns):
+                return None
+            return self._rank_for(m, n, name)
+
+        described = [(pid, name, tuple(p.shape), int(o)) for (pid, name), p, o in zip(ids, params, offsets)]
+        plan = build_plan(buffer.numel(), described, rank_for)
+        # buckets in flight finish first: their state moves into the new plan, and the
+        # agreement check below talks on the engine's group from this thread
+        self._drain("reduce")
+        # a parameter belongs to one bucket: plans of a superseded layout go (with their state)
+        pids = {pid for pid, _ in ids}
+        for k in [k for k, p in self._plans.items() if pids & set(p.param_ids)]:
+            del self._plans[k]
+        self._init_plan_state(plan, buffer.device)
+        self._agree("bucket plan", self._plan_fingerprint(plan, buffer, described))
+        self._plans[key] = plan
+        return plan
+
+    def _check_device(self, buffer: torch.Tensor) -> None:
+        if buffer.device.type != "cuda":
+            return
+        from . import _C, ops
+
+        if not _C.ENGINE_CUDA:
+            raise RuntimeError(
+                "this lorecomm build has no CUDA engine (lorecomm._C was built without CUDA), but the bucket is "
+                f"on {buffer.device}: rebuild lorecomm on a machine with a CUDA toolkit and a CUDA build of torch")
+        if ops.BACKEND.get("cuda") != "triton":
+            raise RuntimeError(
+                f"the bucket is on {buffer.device} but lorecomm's CUDA kernels are not registered (they are the "
+                f"Triton kernels of lorecomm.kernels): install triton (pip install triton) and import lorecomm again")
 
     def _batch_tensor_specs(self, batch) -> dict[str, torch.Tensor]:
         """Fresh batched state tensors of one batch, e.g. {"E": zeros (B, a, b)}."""
@@ -188,6 +290,7 @@ class CommState:
         stable parameter id, saved by name) moves into the new batches.
         """
         for batch in plan.batches:
+            batch.ids = torch.tensor(batch.param_ids, dtype=torch.int64, device=device)
             batch.tensors = {k: t.to(device) for k, t in self._batch_tensor_specs(batch).items()}
             for i, slot in enumerate(batch.slots):
                 prev = self._slot_tensors.get(slot.param_id) or self._take_pending(slot.name)
@@ -200,40 +303,87 @@ class CommState:
     def _is_dense_name(self, name: str) -> bool:
         return name_is_dense(name, self.dense_name_patterns)
 
+    # --------------------------------------------------------- rank agreement
+    def _plan_fingerprint(self, plan: BucketPlan, buffer: torch.Tensor, described) -> dict:
+        ranks = {s.name: b.rank for b in plan.batches for s in b.slots}
+        return {
+            "kind": type(self).__name__,
+            "config": self.config(),
+            "step": self.step,
+            "bucket": f"{buffer.numel()} {str(buffer.dtype).replace('torch.', '')} elements",
+            "compressed": [f"{name} {'x'.join(map(str, shape))} r={ranks[name]}"
+                           for _, name, shape, _ in described if name in ranks],
+        }
+
+    def _agree(self, what: str, mine: dict) -> None:
+        """Every rank compares ``mine`` with the others' (one small collective on the
+        engine's group); a difference raises ValueError on every rank, naming it."""
+        rt = self._runtime()
+        n = dist.get_world_size(rt.group)
+        if n == 1:
+            return
+        self._drain("reduce")
+        theirs: list = [None] * n
+        dist.all_gather_object(theirs, mine, group=rt.group)
+        diffs = []
+        for k in mine:
+            vals = [t.get(k) for t in theirs]
+            if any(v != vals[0] for v in vals):
+                if isinstance(vals[0], dict):
+                    for sub in sorted({s for v in vals for s in v}):
+                        sv = [v.get(sub) for v in vals]
+                        if any(x != sv[0] for x in sv):
+                            diffs.append(f"{sub}: " + ", ".join(f"{x!r} on rank {r}" for r, x in enumerate(sv)))
+                else:
+                    diffs.append(f"{k}: " + ", ".join(f"{x!r} on rank {r}" for r, x in enumerate(vals)))
+        if diffs:
+            raise ValueError(
+                f"lorecomm: the ranks disagree on the {what} ({type(self).__name__}); every rank must run the "
+                f"same configuration on the same model and buckets. Differences: " + "; ".join(diffs))
+
     # ------------------------------------------------------------ entry points
     def reduce(self, buffer: torch.Tensor, params: Sequence[torch.Tensor], offsets=None,
                is_last: bool = True) -> torch.Tensor:
         """Average ``buffer`` (local gradients of ``params``) across ranks, in place."""
-        plan = self._plan(buffer, params, offsets)
-        phase = self.phase(self.step + 1)
-        sent = self._reduce_phase(phase, plan, buffer)
-        self._account(phase, sent, buffer, is_last)
-        if is_last:
-            self._end_step()
-        return buffer
+        return self.reduce_async(buffer, params, offsets, is_last).wait()
 
-    def _account(self, phase: str, sent: int, buffer: torch.Tensor, is_last: bool) -> None:
-        """Count one bucket (bytes, calls) and, on the last bucket, the step."""
+    def reduce_async(self, buffer, params, offsets=None, is_last: bool = True) -> torch.futures.Future:
+        """``reduce`` without waiting: a future of ``buffer``, completed by the engine."""
+        plan = self._plan(buffer, params, offsets)
+        t = self.step + 1
+        phase = self.phase(t)
+        step = self._step_for(phase, plan, buffer, t)
+        step.label = f"bucket {self._calls} (step {t}, {buffer.numel()} elements)"
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            scale = getattr(self.grad_scaler, "_scale", None)  # the device tensor: no host sync
+            if scale is not None:
+                step.loss_scale = scale.to(buffer.device).reshape(())
         with self._counter_lock:
             self._calls += 1
-            self._bytes_sent += sent
             self._bytes_dense += _elem_bytes(buffer)
-            self._bytes_by_phase[phase] += sent
-            self._step_phase = phase
             if is_last:
                 self._steps_by_phase[phase] += 1
                 self.step += 1
+        fut = self._runtime().engine.submit(step)
 
-    def _count_bytes(self, phase: str, sent: int) -> None:
-        """Bytes known only once a bucket ran (e.g. a basis repair on the engine)."""
-        with self._counter_lock:
-            self._bytes_sent += sent
-            self._bytes_by_phase[phase] += sent
+        # runs where the step completed (the worker, in bucket order), before DDP sees the bucket
+        def finish(f, step=step, phase=phase, is_last=is_last):
+            value = f.value()  # re-raises the engine's error
+            with self._counter_lock:
+                self._bytes_sent += step.bytes_sent
+                self._bytes_by_phase[phase] += step.bytes_sent
+                self._collectives += step.collectives
+                self._repairs += sum(getattr(step, "repairs", ()))
+            ok = getattr(step, "ok", None)
+            if ok is not None:
+                bad = ~ok
+                self._step_bad = bad if self._step_bad is None else self._step_bad | bad
+            if is_last and self._step_bad is not None:
+                bad, self._step_bad = self._step_bad.to(torch.int64), None
+                self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
+            return value
 
-    def reduce_async(self, buffer, params, offsets=None, is_last: bool = True) -> torch.futures.Future:
-        fut: torch.futures.Future = torch.futures.Future()
-        fut.set_result(self.reduce(buffer, params, offsets, is_last))
-        return fut
+        return fut.then(finish)
 
     def _hook(self, bucket) -> torch.futures.Future:
         if not isinstance(bucket, dist.GradBucket):
@@ -253,60 +403,37 @@ class CommState:
         """Phase of one-based step ``t``."""
         return "dense"
 
-    def _reduce_phase(self, phase: str, plan: BucketPlan, buffer: torch.Tensor) -> int:
-        """Run one bucket's phase in place; return the bytes this rank sent."""
-        raise NotImplementedError
+    def _step_for(self, phase: str, plan: BucketPlan, buffer: torch.Tensor, t: int):
+        """The engine step that runs this bucket in ``phase`` at one-based step ``t``."""
+        from . import _C
 
-    def _all_reduce_mean(self, t: torch.Tensor) -> int:
-        """Sum-all-reduce of ``t / N`` (DDP's convention); returns bytes sent."""
-        t.div_(self.world_size)
-        dist.all_reduce(t, group=self.group)
-        return _elem_bytes(t)
-
-    def _global_finite(self, buffer: torch.Tensor):
-        """(the whole bucket is finite on every rank, bytes sent): one float all-reduced.
-
-        For compressors without a score all-reduce that would carry the flag.
-        """
-        bad = torch.zeros(1, device=buffer.device)
-        bad += (~torch.isfinite(buffer)).any()
-        sent = self._all_reduce_mean(bad)
-        return bad[0] == 0, sent
-
-    def _count_nonfinite(self, ok: torch.Tensor) -> None:
-        """Note one bucket's global finite flag (on device, no host sync)."""
-        bad = ~ok
-        self._step_bad = bad if self._step_bad is None else self._step_bad.to(bad.device) | bad
-
-    def _end_step(self) -> None:
-        """After the step's last bucket: count the step if any bucket was non-finite."""
-        if self._step_bad is None:
-            return
-        bad = self._step_bad.to(torch.int64)
-        self._step_bad = None
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
+        return _C.DenseStep(buffer)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
         """Counters since construction (or as restored by load_state_dict)."""
+        self._drain("stats")
         steps = self.step
         return {
             "steps": steps,
             "calls": self._calls,
             "bytes_sent": self._bytes_sent,
             "bytes_dense": self._bytes_dense,
+            "collectives": self._collectives,
             "compression_ratio": self._bytes_dense / self._bytes_sent if self._bytes_sent else 1.0,
             "bytes_per_step": self._bytes_sent / steps if steps else 0.0,
             "bytes_by_phase": dict(self._bytes_by_phase),
             "steps_by_phase": dict(self._steps_by_phase),
             "nonfinite_steps": int(self._nonfinite.sum().item()) if self._nonfinite is not None else 0,
             "compressed_matrices": len({s.param_id for p in self._plans.values() for s in p.matrices}),
+            "state_bytes": sum(_elem_bytes(t) for p in self._plans.values() for b in p.batches
+                               for t in b.tensors.values()),
         }
 
     # ------------------------------------------------------------- checkpoint
     def config(self) -> dict:
-        """The constructor arguments that define the maths (checked on load)."""
-        return {"dense_name_patterns": list(self.dense_name_patterns)}
+        """The constructor arguments that define the maths (checked on load and across ranks)."""
+        return {"dense_name_patterns": list(self.dense_name_patterns), "dense_embeddings": self.dense_embeddings}
 
     def _param_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per-parameter state tensors, keyed by parameter name."""
@@ -314,18 +441,20 @@ class CommState:
 
     def state_dict(self) -> dict:
         """This rank's state (error buffers are rank-local: save one file per rank)."""
+        self._drain("state_dict")
         params = {name: {k: v.detach().cpu().clone() for k, v in ts.items()}
                   for name, ts in self._param_tensors().items()}
         for name, ts in self._pending.items():  # loaded but not placed yet: keep them
             params.setdefault(name, {k: v.clone() for k, v in ts.items()})
         return {
-            "format": 1,
+            "format": 2,
             "kind": type(self).__name__,
             "config": self.config(),
             "world_size": self.world_size,
             "step": self.step,
             "counters": {
                 "calls": self._calls, "bytes_sent": self._bytes_sent, "bytes_dense": self._bytes_dense,
+                "collectives": self._collectives, "repairs": self._repairs,
                 "bytes_by_phase": dict(self._bytes_by_phase), "steps_by_phase": dict(self._steps_by_phase),
                 "nonfinite_steps": self.stats()["nonfinite_steps"],
             },
@@ -333,6 +462,9 @@ class CommState:
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore ``state_dict()``; a collective when torch.distributed is initialized
+        (ranks check that they resumed the same configuration at the same step)."""
+        self._drain("load_state_dict")
         if sd.get("kind") != type(self).__name__:
             raise ValueError(f"state_dict was saved by {sd.get('kind')}, cannot load into {type(self).__name__}")
         if sd["world_size"] != self.world_size:
@@ -350,9 +482,11 @@ class CommState:
                 raise ValueError(
                     f"state_dict holds state for {len(unknown)} parameter(s) this model does not have "
                     f"(e.g. {', '.join(unknown[:3])}): it was saved from a different model")
+        self._agree("checkpoint", {"kind": sd["kind"], "config": sd["config"], "step": sd["step"]})
         self.step = sd["step"]
         c = sd["counters"]
         self._calls, self._bytes_sent, self._bytes_dense = c["calls"], c["bytes_sent"], c["bytes_dense"]
+        self._collectives, self._repairs = c.get("collectives", 0), c.get("repairs", 0)
         self._bytes_by_phase = dict(c["bytes_by_phase"])
         self._steps_by_phase = dict(c["steps_by_phase"])
         self._nonfinite = torch.tensor(c["nonfinite_steps"]) if c["nonfinite_steps"] else None
@@ -367,3 +501,34 @@ class CommState:
 
     def _take_pending(self, name: str) -> dict[str, torch.Tensor] | None:
         return self._pending.pop(name, None)
+
+    # ------------------------------------------------------------ consistency
+    def _shared_state(self) -> list[torch.Tensor]:
+        """The batched tensors that must be bit-identical on every rank."""
+        return []
+
+    def check_consistency(self) -> int:
+        """Checksum every shared state tensor (GreedyLore's bases, Lore's warm-start
+        factors) across ranks and repair any that differ by a broadcast from the
+        group's rank 0. A collective: call it on every rank. Returns the number of
+        batches repaired (also counted in ``stats()["repairs"]``)."""
+        from . import _C
+
+        shared = self._shared_state()
+        dev = shared[0].device if shared else torch.device("cpu")
+        step = _C.ConsistencyStep(torch.zeros(0, device=dev), shared)
+        step.label = f"consistency check (after step {self.step})"
+        self._runtime().engine.submit(step).wait()
+        with self._counter_lock:
+            self._bytes_sent += step.bytes_sent
+            self._collectives += step.collectives
+            self._repairs += sum(step.repairs)
+        return sum(step.repairs)
+
+
+def bitwise_checksum(U: torch.Tensor) -> torch.Tensor:
+    """One int64 per matrix that changes with any bit of it (wrapping arithmetic;
+    the engine's checksum, csrc/steps/greedylore.cpp)."""
+    bits = U.contiguous().view(torch.int32).reshape(U.shape[0], -1).to(torch.int64)
+    weights = torch.arange(1, bits.shape[1] + 1, dtype=torch.int64, device=U.device)
+    return (bits * weights).sum(-1)

@@ -1,14 +1,16 @@
-"""The C++ bucket engine (csrc/engine.cpp, lorecomm.engine).
+"""The one runtime: the C++ engine every compressor step runs on (csrc/engine.cpp, lorecomm.engine).
 
 - the C++ tests (ctest, csrc/tests) are built and run from here;
-- on 2 real Gloo ranks the engine's results equal the Python reference path
-  bit for bit over warm-up, refresh and compressed steps (paper and sketch
-  probes, fp32 and bf16 buckets, with and without error feedback), with the
-  same byte accounting;
-- a dead peer makes the engine's future fail within the process group's
-  timeout, with a clear message; a bad tensor fails the future;
-- on CPU the worker thread runs bucket k while backward still produces later
-  buckets (overlap is observable in the engine's timeline).
+- isolation: lorecomm talks on its own process group, so DDP's
+  find_unused_parameters, autograd collectives in the model, two models with
+  two states in one backward, and collectives in the training loop all train
+  with identical replicas, equal to the same run with the engine inline;
+- ranks whose configurations differ get a ValueError naming the difference;
+- both ranks issue the same collectives in the same order (the engine's own log);
+- the worker overlaps bucket k with the backward pass of later buckets;
+- errors: a dead peer fails the future within the timeout, a bad tensor names
+  itself, a failed engine can be reset, exit never hangs on a stuck worker,
+  stats()/state_dict() from a future callback raise instead of deadlocking.
 """
 from __future__ import annotations
 
@@ -17,27 +19,18 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _engine_reason():
-    try:
-        import lorecomm.engine as le
-    except Exception as e:  # noqa: BLE001
-        return f"lorecomm does not import: {e}"
-    return le.unavailable_reason()
-
-
-needs_engine = pytest.mark.skipif(_engine_reason() is not None, reason=f"engine: {_engine_reason()}")
 
 
 # ----------------------------------------------------------------- C++ tests
@@ -58,231 +51,198 @@ def test_ctest_engine():
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
 
 
-# ------------------------------------------------- bit equality on 2 ranks
-class Net(torch.nn.Module):
+# ------------------------------------------------ isolation: the four setups
+class Branchy(torch.nn.Module):
+    """Two paths; `use_b=False` leaves path b unused (find_unused_parameters)."""
+
     def __init__(self):
         super().__init__()
-        self.a = torch.nn.Linear(24, 40)      # 40 x 24: transposed orientation
-        self.b = torch.nn.Linear(40, 40)
-        self.c = torch.nn.Linear(40, 40)      # batched with b when equally spaced
-        self.d = torch.nn.Linear(40, 7)       # too small to compress: dense
-        self.embed_like = torch.nn.Parameter(torch.zeros(30, 30))
+        self.a1 = torch.nn.Linear(24, 48)
+        self.a2 = torch.nn.Linear(48, 40)
+        self.b1 = torch.nn.Linear(24, 40)
+        self.head = torch.nn.Linear(40, 6)
+
+    def forward(self, x, use_b=True, gather=False):
+        h = self.a2(torch.relu(self.a1(x)))
+        if use_b:
+            h = h + self.b1(x)
+        if gather:  # an autograd collective: its backward communicates during DDP's backward
+            import torch.distributed.nn.functional as dfn
+
+            h = torch.cat(dfn.all_gather(h), 0)
+        return self.head(h)
 
 
-def _buckets(model):
-    """Two buckets of (param, offset) back to back, like DDP's gradient views."""
-    ps = list(model.parameters())
-    return [ps[:4], ps[4:]]
+def _flat(models):
+    return torch.cat([p.detach().reshape(-1) for m in models for p in m.parameters()])
 
 
-def _equality_worker(rank, world, cfg):
+def _train_setup(rank, world, setup, inline, compressor):
+    import lorecomm
+    import lorecomm.engine as le
+
+    le.set_inline(inline)
+    torch.manual_seed(0)
+    n_models = 2 if setup == "two_models" else 1
+    models = [Branchy() for _ in range(n_models)]
+    ddps = [DDP(m, bucket_cap_mb=0.01, find_unused_parameters=(setup == "unused")) for m in models]
+    cfg = dict(rank=4, start_step=2)
+    if compressor == "greedylore":
+        cfg.update(compressor="greedylore", update_interval=3)
+    states = [lorecomm.register(d, **cfg) for d in ddps]
+    opt = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.05)
+    g = torch.Generator().manual_seed(rank)
+    for step in range(7):
+        x = torch.randn(8, 24, generator=g)
+        opt.zero_grad()
+        use_b = setup != "unused" or step % 2 == 0
+        loss = sum(d(x, use_b=use_b, gather=(setup == "autograd")).square().mean() for d in ddps)
+        loss.backward()
+        opt.step()
+        if setup == "loop_collective":  # the training loop talks on the default group between steps
+            t = torch.tensor([loss.item()])
+            dist.all_reduce(t)
+    stats = [s.stats() for s in states]
+    le.set_inline(None)
+    return _flat(models), stats
+
+
+@pytest.mark.parametrize("setup", ["unused", "autograd", "two_models", "loop_collective"])
+def test_isolated_setups_train_identically_and_equal_inline(setup):
+    from distributed import run_ranks
+
+    worker = run_ranks(_train_setup, 2, setup, False, "lore")
+    inline = run_ranks(_train_setup, 2, setup, True, "lore")
+    assert torch.equal(worker[0][0], worker[1][0]), f"{setup}: replicas differ"
+    assert torch.equal(worker[0][0], inline[0][0]), f"{setup}: the engine's worker differs from inline"
+    for st in worker[0][1]:
+        assert st["steps_by_phase"]["compressed"] == 5 and st["compressed_matrices"] >= 2, st
+
+
+def test_two_greedylore_models_share_one_engine_in_one_order():
+    from distributed import run_ranks
+
+    res = run_ranks(_train_setup, 2, "two_models", False, "greedylore")
+    assert torch.equal(res[0][0], res[1][0])
+    assert all(st["steps_by_phase"]["refresh"] >= 1 for st in res[0][1])
+
+
+# ------------------------------------------------------- agreement check
+def _disagree(rank, world):
+    import lorecomm
+
+    torch.manual_seed(0)
+    ddp = DDP(Branchy(), bucket_cap_mb=0.01)
+    lorecomm.register(ddp, rank=4 if rank == 0 else 8, start_step=1)
+    try:
+        ddp(torch.randn(4, 24)).sum().backward()
+        return "no error"
+    except ValueError as e:
+        return str(e)
+
+
+def test_ranks_with_different_configs_get_a_clear_error():
+    from distributed import run_ranks
+
+    for msg in run_ranks(_disagree, 2):
+        assert "rank: 4 on rank 0, 8 on rank 1" in msg, msg
+
+
+# --------------------------------------------- order of collectives (observed)
+def _order(rank, world):
     import lorecomm
     import lorecomm.engine as le
 
     torch.manual_seed(0)
-    model = Net()
-    kw = dict(rank=4, update_interval=3, start_step=2, dense_name_patterns=("embed",), **cfg["state"])
-    ref = lorecomm.GreedyLoreState(**kw).bind(model.named_parameters())
-    # its own group: the engine's worker thread and the reference path (main
-    # thread) both talk while buckets are in flight; one group would interleave them
-    eng = lorecomm.GreedyLoreState(process_group=dist.new_group([0, 1]), **kw).bind(model.named_parameters())
-    le.set_enabled(eng, True)
-    dtype = cfg["dtype"]
-    out = []
-    g = torch.Generator().manual_seed(1234 + rank)
-    for step in range(cfg["steps"]):
-        futs, pairs = [], []
-        buckets = _buckets(model)
-        for i, params in enumerate(buckets):
-            numel = sum(p.numel() for p in params)
-            grad = torch.randn(numel, generator=g).to(dtype)
-            if cfg.get("nan_step") == step and rank == 1 and i == 0:
-                grad[900 + 5] = float("nan")  # in a.weight (embed_like, dense, comes first)
-            a, b = grad.clone(), grad.clone()
-            last = i == len(buckets) - 1
-            ref.reduce(a, params, None, last)
-            futs.append(le.reduce_async(eng, b, params, None, last))
-            pairs.append((a, b))
-        for f, (a, b) in zip(futs, pairs):
-            res = f.wait()
-            assert res is b
-            assert torch.equal(a, b) or (torch.isnan(a).any() and torch.equal(a.isnan(), b.isnan())
-                                          and torch.equal(a.nan_to_num(), b.nan_to_num())), \
-                f"step {step}: engine result differs from the Python path (max diff {(a.float() - b.float()).abs().max()})"
-        out.append([a for a, _ in pairs])
-    le.drain(eng)
-    for name, ts in ref._param_tensors().items():
-        for k, v in ts.items():
-            assert torch.equal(v, eng._param_tensors()[name][k]), f"{name}.{k} differs"
-    sa, sb = ref.stats(), eng.stats()
-    assert sa == sb, (sa, sb)
-    return out, sa
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+    ddp = DDP(model, bucket_cap_mb=0.03)  # several buckets
+    state = lorecomm.register(ddp, rank=4, start_step=1)
+    eng = state._runtime().engine
+    eng.set_logging(True)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(4):
+        ddp(torch.randn(8, 64, generator=g)).square().mean().backward()
+    state.stats()  # drains
+    log = eng.collective_log(True)
+    return log, state.stats()["collectives"]
 
 
-@needs_engine
-@pytest.mark.parametrize("cfg", [
-    dict(state=dict(probes="paper"), dtype=torch.float32, steps=8),
-    dict(state=dict(probes="sketch", sketch_size=3), dtype=torch.float32, steps=6),
-    dict(state=dict(probes="paper", error_feedback=False), dtype=torch.bfloat16, steps=5),
-    dict(state=dict(probes="sketch"), dtype=torch.float32, steps=5, nan_step=4),
-    dict(state=dict(selection="fixed"), dtype=torch.float32, steps=6),
-    dict(state=dict(selection="random"), dtype=torch.float16, steps=6, nan_step=5),
-], ids=["paper-fp32", "sketch-fp32", "noef-bf16", "nonfinite", "fixed-fp32", "random-fp16"])
-def test_engine_equals_python_path(cfg):
+def test_both_ranks_issue_the_same_collectives_in_the_same_order():
     from distributed import run_ranks
 
-    (o0, s0), (o1, s1) = run_ranks(_equality_worker, 2, cfg)
-    for a, b in zip(o0, o1):  # every rank ends every step with identical gradients
-        for x, y in zip(a, b):
-            assert torch.equal(x.nan_to_num(), y.nan_to_num())
-    assert s0["steps_by_phase"]["compressed"] >= 2 and s0["steps_by_phase"]["refresh"] >= 1
-    if cfg.get("nan_step") is not None:
-        assert s0["nonfinite_steps"] == 1
+    (l0, c0), (l1, c1) = run_ranks(_order, 2)
+    assert l0 == l1 and len(l0) == c0 == c1 > 8
+    assert {op for op, *_ in l0} == {"all_reduce_sum"}
+    assert [w for *_, w in l0].count("sketch") == [w for *_, w in l0].count("factor") > 0
 
 
-# ------------------------------------------ basis repair on the engine's refresh
-def _engine_repair_worker(rank, world):
+# ------------------------------------------------------- overlap (CPU)
+def _overlap(rank, world):
     import lorecomm
-    import lorecomm.engine as le
 
-    if rank == 1:  # this rank's eigensolver "disagrees" in the last bits, inside the engine's op call
-        lib = torch.library.Library("lorecomm", "IMPL")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(160, 160) for _ in range(8)])
+    ddp = DDP(model, bucket_cap_mb=0.12, gradient_as_bucket_view=True)
+    state = lorecomm.LoreState(rank=4, start_step=1).bind(ddp)
+    submits = []
 
-        def perturbed(H):
-            h = H.double().nan_to_num(0.0, 0.0, 0.0)
-            return (torch.linalg.eigh(h @ h.mT).eigenvectors.flip(-1) * (1 + 1e-6)).float()
+    def hook(st, bucket):
+        submits.append(time.monotonic())
+        return lorecomm.lore_hook(st, bucket)
 
-        lib.impl("refresh_basis", perturbed, "CPU")
-    params = [("w", (16, 24)), ("v", (16, 24))]
-    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in params]
-    state = lorecomm.GreedyLoreState(rank=3, update_interval=3, start_step=1,
-                                     min_compression_rate=1.0).bind([(n, p) for (n, _), p in zip(params, ps)])
-    le.set_enabled(state, True)
-    g = torch.Generator().manual_seed(0)
-    sent = []
-    for t in range(1, 6):
-        before = state.stats()["bytes_sent"]
-        le.reduce_async(state, torch.randn(2 * 16 * 24, generator=g) + rank, ps).wait()
-        sent.append(state.stats()["bytes_sent"] - before)
-    U = torch.stack([state._param_tensors()[n]["U"] for n in ("w", "v")])
-    return U, state.stats()["basis_repairs"], sent, le.engine_for(state).jobs_done
+    ddp.register_comm_hook(state, hook)
+    eng = state._runtime().engine
+    # a long enough backward per bucket that the worker, given a core, starts bucket 0 before the last arrives
+    x = torch.randn(512, 160, generator=torch.Generator().manual_seed(rank))
+    overlapped = []
+    for step in range(10):
+        submits.clear()
+        eng.timeline(clear=True)
+        ddp(x).square().mean().backward()
+        if step >= 2 and len(submits) > 1:
+            tl = eng.timeline()
+            overlapped.append(tl[0][2] < submits[-1])  # bucket 0 started before the last was handed over
+    return overlapped
 
 
-@needs_engine
-def test_engine_refresh_detects_and_repairs_a_differing_basis():
+def test_worker_overlaps_backward():
     from distributed import run_ranks
 
-    res = run_ranks(_engine_repair_worker, 2)
-    assert torch.equal(res[0][0], res[1][0]), "bases differ after the engine's refresh"
-    numel = 2 * 16 * 24
-    for U, repairs, sent, jobs in res:
-        assert jobs == 5, "every step ran on the engine"
-        # refreshes at t = 2 and 5, each repairing the one batch (two same-shape matrices)
-        assert repairs == 2
-        assert sent[1] == sent[4] == 4 * numel + 2 * 2 * 8 + 2 * 16 * 16 * 4  # refresh + checksums + broadcast
-        assert sent[0] == 4 * numel  # warm-up
-
-
-# ------------------------------------------------------- DDP + overlap (CPU)
-def _ddp_worker(rank, world):
-    import lorecomm
-    import lorecomm.engine as le
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    results = {}
-    for use_engine in (False, True):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(*[torch.nn.Linear(160, 160) for _ in range(8)])
-        ddp = DDP(model, bucket_cap_mb=0.12, gradient_as_bucket_view=True)  # several buckets
-        state = lorecomm.GreedyLoreState(rank=4, update_interval=50, start_step=1, probes="sketch").bind(ddp)
-        submits = []
-
-        if use_engine:
-            le.set_enabled(state, True)
-            le.trace = []  # every collective the engine is asked to run, in submission order
-
-            def hook(st, bucket):
-                submits.append(time.monotonic())
-                return le.greedylore_engine_hook(st, bucket)
-        else:
-            le.set_enabled(state, False)
-
-            def hook(st, bucket):
-                return lorecomm.greedylore_hook(st, bucket)
-
-        ddp.register_comm_hook(state, hook)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        x = torch.randn(64, 160, generator=torch.Generator().manual_seed(rank))
-        overlapped = []
-        for step in range(6):
-            opt.zero_grad()
-            submits.clear()
-            if use_engine:
-                le.engine_for(state).timeline(clear=True)
-            ddp(x).square().mean().backward()
-            opt.step()
-            if use_engine and step >= 2 and len(submits) > 1:
-                tl = le.engine_for(state).timeline()
-                # the worker started bucket 0 before backward handed over the last bucket
-                overlapped.append(tl[0][2] < submits[-1])
-        results[use_engine] = ([p.detach().clone() for p in model.parameters()], overlapped, state.stats())
-    results["trace"], le.trace = le.trace, None
-    return results
-
-
-@needs_engine
-def test_ddp_engine_hook_matches_and_overlaps():
-    from distributed import run_ranks
-
-    r0, r1 = run_ranks(_ddp_worker, 2)
-    for r in (r0, r1):
-        (p_py, _, s_py), (p_en, overlapped, s_en) = r[False], r[True]
-        for a, b in zip(p_py, p_en):
-            assert torch.equal(a, b), "DDP training through the engine differs from the Python hook"
-        assert s_py["bytes_sent"] == s_en["bytes_sent"]
+    for overlapped in run_ranks(_overlap, 2):
         # on a loaded 2-core box the worker may be descheduled on some steps; it must overlap on most
-        assert overlapped and sum(overlapped) * 2 > len(overlapped), f"no overlap observed: {overlapped}"
-    for a, b in zip(r0[True][0], r1[True][0]):
-        assert torch.equal(a, b)
-    # several buckets per step, every rank issues the same collectives in the same order
-    assert r0["trace"] == r1["trace"] and len(r0["trace"]) > 6 * 2
+        assert overlapped and sum(overlapped) * 2 > len(overlapped), overlapped
 
 
 # ----------------------------------------------------------- errors / hangs
 def _dead_peer_worker(rank, world, port, q):
     import lorecomm
-    import lorecomm.engine as le
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=10))
     model = torch.nn.Linear(64, 64)
-    state = lorecomm.GreedyLoreState(rank=4, start_step=0).bind(model.named_parameters())
-    le.set_enabled(state, True)
+    state = lorecomm.LoreState(rank=4, start_step=0).bind(model.named_parameters())
     params = list(model.parameters())
     buf = torch.randn(sum(p.numel() for p in params))
-    le.reduce_async(state, buf, params).wait()  # step 1 (refresh) on both ranks
-    le.reduce_async(state, buf, params).wait()  # step 2 (compressed) on both ranks
+    state.reduce(buf, params)
+    state.reduce(buf, params)
     if rank == 1:
         os._exit(0)  # the peer dies without a word
     time.sleep(0.5)
     t0 = time.monotonic()
-    fut = le.reduce_async(state, buf, params)
     try:
-        fut.wait()
+        state.reduce(buf, params)
         q.put(("no error", time.monotonic() - t0))
     except Exception as e:  # noqa: BLE001
         q.put((str(e), time.monotonic() - t0))
-    # a later bucket fails fast naming the cause, nothing hangs
-    t1 = time.monotonic()
+    t1 = time.monotonic()  # a later bucket fails fast naming the cause, nothing hangs
     try:
-        le.reduce_async(state, buf, params).wait()
+        state.reduce(buf, params)
         q.put(("no error", 0))
     except Exception as e:  # noqa: BLE001
         q.put((str(e), time.monotonic() - t1))
     os._exit(0)
 
 
-@needs_engine
 def test_dead_peer_fails_future_within_timeout():
     import torch.multiprocessing as mp
     from distributed import free_port
@@ -301,30 +261,102 @@ def test_dead_peer_fails_future_within_timeout():
     assert not alive, "a rank hung"
     (msg, dt), (msg2, dt2) = q.get(), q.get()
     assert msg != "no error" and dt < 15, (msg, dt)
-    assert "lorecomm engine" in msg and "all-reduce" in msg, msg
+    assert "lorecomm engine" in msg and "all_reduce" in msg and "Likely cause" in msg, msg
     assert "earlier bucket failed" in msg2 and dt2 < 5, (msg2, dt2)
 
 
-def _bad_tensor_worker(rank, world):
-    import lorecomm._C as C
+def _bad_tensor_then_reset(rank, world):
+    import lorecomm
+    import lorecomm.engine as le
 
-    eng = C.Engine(dist.group.WORLD)
-    buf = torch.zeros(8)
-    G = torch.zeros(1, 2, 4)
-    fut = eng.submit_compressed(buf, [(G, torch.zeros(1, 3, 3), torch.eye(2)[None], torch.zeros(1, dtype=torch.int64), 1)],
-                                [], 0, True, None, "bucket 9")
+    w = torch.nn.Parameter(torch.zeros(16, 24))
+    state = lorecomm.LoreState(rank=2, start_step=0, min_compression_rate=1.0).bind([("w", w)])
+    state.reduce(torch.randn(16 * 24), [w])
+    batch = next(iter(state._plans.values())).batches[0]
+    good = batch.tensors["E"]
+    batch.tensors["E"] = torch.zeros(1, 3, 3)  # a corrupted state tensor: both ranks alike
     try:
-        fut.wait()
-        msg = "no error"
+        state.reduce(torch.randn(16 * 24), [w])
+        first = "no error"
     except Exception as e:  # noqa: BLE001
-        msg = str(e)
-    eng.shutdown()
-    return msg
+        first = str(e)
+    batch.tensors["E"] = good
+    try:
+        state.reduce(torch.randn(16 * 24), [w])
+        second = "no error"
+    except Exception as e:  # noqa: BLE001
+        second = str(e)
+    le.reset_all()
+    state.reduce(torch.randn(16 * 24), [w])  # runs again after every rank reset
+    return first, second
 
 
-@needs_engine
-def test_bad_tensor_fails_future():
+def test_bad_tensor_names_itself_and_a_failed_engine_can_be_reset():
     from distributed import run_ranks
 
-    for msg in run_ranks(_bad_tensor_worker, 2):
-        assert "bucket 9" in msg and "bad input" in msg and "E must be float32" in msg, msg
+    for first, second in run_ranks(_bad_tensor_then_reset, 2):
+        assert "bad input" in first and "E must be float32" in first and "bucket 1" in first, first
+        assert "earlier bucket failed" in second and "reset" in second, second
+
+
+def _callback_calls_stats(rank, world):
+    import lorecomm
+
+    w = torch.nn.Parameter(torch.zeros(16, 24))
+    state = lorecomm.LoreState(rank=2, start_step=0, min_compression_rate=1.0).bind([("w", w)])
+    seen = []
+
+    def cb(f):
+        for what in ("stats", "state_dict"):
+            try:
+                getattr(state, what)()
+                seen.append((what, "no error"))
+            except RuntimeError as e:
+                seen.append((what, str(e)))
+        return f.value()
+
+    state.reduce_async(torch.randn(16 * 24), [w]).then(cb).wait()
+    return seen
+
+
+def test_stats_from_a_future_callback_raise_instead_of_deadlocking():
+    from distributed import run_ranks
+
+    for seen in run_ranks(_callback_calls_stats, 2):
+        assert [w for w, _ in seen] == ["stats", "state_dict"]
+        assert all("callback of a lorecomm future" in m for _, m in seen), seen
+
+
+_STUCK = textwrap.dedent("""
+    import datetime, os, sys, time, torch, torch.distributed as dist
+    import lorecomm
+    rank = int(sys.argv[1])
+    dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    w = torch.nn.Parameter(torch.zeros(16, 24))
+    state = lorecomm.LoreState(rank=2, start_step=0, min_compression_rate=1.0).bind([("w", w)])
+    state.reduce(torch.randn(16 * 24), [w])
+    if rank == 1:
+        time.sleep(90)  # alive but silent: rank 0's next collective waits on it
+        os._exit(0)
+    state.reduce_async(torch.randn(16 * 24), [w])  # stuck in a collective (the gloo timeout is 120 s)
+    time.sleep(0.5)
+    print("leaving", flush=True)
+""")
+
+
+def test_exit_never_hangs_on_a_worker_stuck_in_a_collective(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(_STUCK)
+    init = f"file://{tmp_path / 'rdv'}"
+    env = dict(os.environ, LORECOMM_SHUTDOWN_GRACE_S="1", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        out0 = procs[0].communicate(timeout=60)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert time.monotonic() - t0 < 45, "exit waited for the stuck collective"
+    assert procs[0].returncode == 0 and "leaving" in out0[0], out0

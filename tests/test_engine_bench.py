@@ -36,14 +36,14 @@ def test_allreduce_smoke(tmp_path):
 
 def test_hook_overhead_smoke():
     text = _run("hook_overhead.py", "--width", "64", "--layers", "2", "--rank", "4", "--warmup", "3",
-                "--steps", "2", "--hooks", "powersgd", "greedylore-sketch")
-    assert "| powersgd |" in text and "| greedylore-sketch |" in text
+                "--steps", "2", "--hooks", "powersgd", "lore", "greedylore-sketch-inline")
+    assert "| powersgd |" in text and "| lore |" in text and "| greedylore-sketch-inline |" in text
 
 
 def test_overlap_smoke():
     text = _run("overlap.py", "--sizes", "tiny", "--seq", "8", "--batch", "2", "--rank", "4", "--warmup", "3",
-                "--steps", "1", "--methods", "dense", "greedylore-sketch", timeout=180)
-    assert "| tiny |" in text and "greedylore-sketch" in text
+                "--steps", "1", "--methods", "dense", "lore", "greedylore-sketch", timeout=180)
+    assert "| tiny |" in text and "| lore |" in text and "greedylore-sketch" in text
 
 
 def _netns_reason():
@@ -57,8 +57,8 @@ def _netns_reason():
 
 @pytest.mark.skipif(_netns_reason() is not None, reason=str(_netns_reason()))
 def test_netem_smoke():
-    text = _run("netem.py", "--rates", "1gbit", "--methods", "dense", "greedylore", "--width", "128",
-                "--layers", "2", "--batch", "4", "--rank", "4", "--warmup", "3", "--steps", "2", timeout=120)
-    assert "| 1gbit | dense |" in text and "| 1gbit | greedylore |" in text
+    text = _run("netem.py", "--rates", "1gbit", "--methods", "dense", "lore", "greedylore", "--width", "128",
+                "--layers", "2", "--batch", "4", "--rank", "4", "--warmup", "3", "--steps", "2", timeout=180)
+    assert "| 1gbit | dense |" in text and "| 1gbit | lore |" in text and "| 1gbit | greedylore |" in text
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "lcnet" not in out, "namespaces left behind"

@@ -22,10 +22,10 @@ def _installed(*mods: str) -> bool:
 
 
 EXAMPLES = [
-    ("megatron_greedylore.py", ["--steps", "8", "--overlap"], True, ("megatron.core",)),
-    ("deepspeed_greedylore.py", ["--steps", "8"], True, ("deepspeed",)),
-    ("accelerate_greedylore.py", [], True, ("accelerate",)),
-    ("lightning_greedylore.py", [], False, ("lightning.pytorch",)),
+    ("megatron_lore.py", ["--steps", "8", "--overlap"], True, ("megatron.core",)),
+    ("deepspeed_lore.py", ["--steps", "8"], True, ("deepspeed",)),
+    ("accelerate_lore.py", [], True, ("accelerate",)),
+    ("lightning_lore.py", [], False, ("lightning.pytorch",)),
 ]
 
 
@@ -45,3 +45,4 @@ def test_example_runs(script, args, torchrun, needs):
     stats = ast.literal_eval(lines[-1])
     assert stats["steps"] > 0 and stats["calls"] >= stats["steps"]
     assert stats["steps_by_phase"].get("compressed", 0) > 0 and stats["compression_ratio"] > 1.0, stats
+    assert "replicas identical: True" in p.stdout, out[-4000:]

@@ -11,8 +11,15 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
 
 STEPS = 4
 GAS = 2
-EXACT = dict(rank=8, start_step=1, update_interval=2, min_compression_rate=0.5)  # r = a = 8
-LOW = dict(rank=2, start_step=1, update_interval=2, min_compression_rate=0.5)
+def configs(compressor: str):
+    """(r = a, r < a) configurations of each compressor (the exact one reproduces dense training:
+    GreedyLore's full basis, Lore on an fp32 wire)."""
+    if compressor == "greedylore":
+        base = dict(compressor="greedylore", start_step=1, update_interval=3, min_compression_rate=0.5)
+    else:
+        base = dict(start_step=1, wire=torch.float32, min_compression_rate=0.5)
+    return dict(base, rank=8), dict(base, rank=2)
+
 
 
 def _train(rank, lore, kwargs_handlers=()):
@@ -56,20 +63,22 @@ def _train(rank, lore, kwargs_handlers=()):
                 warned=any("ignored by Accelerate" in str(w.message) for w in caught))
 
 
-def _worker(rank, world_size):
+def _worker(rank, world_size, compressor):
     from accelerate import DistributedDataParallelKwargs
 
     import lorecomm
 
     # a callable comm_hook is silently dropped by Accelerate: the run stays dense
-    ignored = DistributedDataParallelKwargs(comm_hook=lorecomm.greedylore_hook)
-    return dict(dense=_train(rank, None, [ignored]), exact=_train(rank, EXACT, [ignored]), low=_train(rank, LOW))
+    ignored = DistributedDataParallelKwargs(comm_hook=lorecomm.lore_hook)
+    exact, low = configs(compressor)
+    return dict(dense=_train(rank, None, [ignored]), exact=_train(rank, exact, [ignored]), low=_train(rank, low))
 
 
-def test_accelerate_register_on_prepared_model_two_ranks():
+@pytest.mark.parametrize("compressor", ["lore", "greedylore"])
+def test_accelerate_register_on_prepared_model_two_ranks(compressor):
     from lorecomm.integrations._launch import run_ranks
 
-    results = run_ranks(_worker, 2)
+    results = run_ranks(_worker, 2, compressor)
     r = results[0]
     assert not r["dense"]["hook_registered"]  # Accelerate ignored the callable comm_hook
     assert r["exact"]["warned"] and not r["low"]["warned"]

@@ -11,8 +11,15 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
 
 STEPS = 5
 GAS = 2  # micro-batches per optimizer step
-EXACT = dict(rank=8, start_step=1, update_interval=3, min_compression_rate=0.5)  # r = a = 8
-LOW = dict(rank=2, start_step=1, update_interval=3, min_compression_rate=0.5)
+def configs(compressor: str):
+    """(r = a, r < a) configurations of each compressor (the exact one reproduces dense training:
+    GreedyLore's full basis, Lore on an fp32 wire)."""
+    if compressor == "greedylore":
+        base = dict(compressor="greedylore", start_step=1, update_interval=3, min_compression_rate=0.5)
+    else:
+        base = dict(start_step=1, wire=torch.float32, min_compression_rate=0.5)
+    return dict(base, rank=8), dict(base, rank=2)
+
 
 
 def _train(rank, lore):
@@ -67,7 +74,7 @@ def _refusal(extra_cfg):
     return None
 
 
-def _worker(rank, world_size):
+def _worker(rank, world_size, compressor):
     import deepspeed
 
     from lorecomm.integrations import deepspeed as lore_deepspeed
@@ -76,13 +83,15 @@ def _worker(rank, world_size):
     deepspeed.init_distributed(dist_backend="gloo")
     refused = [_refusal({"zero_optimization": {"stage": 1}}),
                _refusal({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}})]  # loss-scaled grads
-    return dict(dense=_train(rank, None), exact=_train(rank, EXACT), low=_train(rank, LOW), refused=refused)
+    exact, low = configs(compressor)
+    return dict(dense=_train(rank, None), exact=_train(rank, exact), low=_train(rank, low), refused=refused)
 
 
-def test_deepspeed_greedylore_two_ranks():
+@pytest.mark.parametrize("compressor", ["lore", "greedylore"])
+def test_deepspeed_two_ranks(compressor):
     from lorecomm.integrations._launch import run_ranks
 
-    results = run_ranks(_worker, 2)
+    results = run_ranks(_worker, 2, compressor)
     r = results[0]
     for key in ("exact", "low"):
         # one bucket (all fp32 grads) per optimizer step, counted

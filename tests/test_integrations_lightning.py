@@ -11,8 +11,15 @@ pytestmark = pytest.mark.skipif(
     reason="lightning is not installed (pip install lorecomm[integrations])")
 
 STEPS = 5
-EXACT = dict(rank=8, start_step=1, update_interval=3, min_compression_rate=0.5)  # r = a = 8
-LOW = dict(rank=2, start_step=1, update_interval=3, min_compression_rate=0.5)
+def configs(compressor: str):
+    """(r = a, r < a) configurations of each compressor (the exact one reproduces dense training:
+    GreedyLore's full basis, Lore on an fp32 wire)."""
+    if compressor == "greedylore":
+        base = dict(compressor="greedylore", start_step=1, update_interval=3, min_compression_rate=0.5)
+    else:
+        base = dict(start_step=1, wire=torch.float32, min_compression_rate=0.5)
+    return dict(base, rank=8), dict(base, rank=2)
+
 
 
 def _pl():
@@ -62,7 +69,7 @@ def _train(rank, make_strategy, calls=None):
     return flat
 
 
-def _worker(rank, world_size):
+def _worker(rank, world_size, compressor):
     pl = _pl()
     import lorecomm
     from lorecomm.integrations._launch import count_calls
@@ -70,23 +77,30 @@ def _worker(rank, world_size):
 
     LoreDDPStrategy = lore_strategy_class(pl.strategies.DDPStrategy)
     out = {"dense": _train(rank, pl.strategies.DDPStrategy)}
-    for name, cfg in (("exact", EXACT), ("low", LOW)):
-        state = lorecomm.GreedyLoreState(**cfg)
+    exact, low = configs(compressor)
+
+    def make(cfg):
+        cfg = dict(cfg)
+        return lorecomm.COMPRESSORS[cfg.pop("compressor", "lore")](**cfg)
+
+    for name, cfg in (("exact", exact), ("low", low)):
+        state = make(cfg)
         calls = count_calls(state)
         out[name] = _train(rank, lambda: LoreDDPStrategy(ddp_comm_state=state), calls)
         out[name + "_stats"], out[name + "_calls"] = state.stats(), list(calls)
     # the stock strategy with a hook: silently never called on CPU (why LoreDDPStrategy exists)
-    stock_state = lorecomm.GreedyLoreState(**EXACT)
+    stock_state = make(exact)
     _train(rank, lambda: pl.strategies.DDPStrategy(ddp_comm_state=stock_state,
-                                                   ddp_comm_hook=lorecomm.greedylore_hook))
+                                                   ddp_comm_hook=lorecomm.hook_for(stock_state)))
     out["stock_calls"] = stock_state.stats()["calls"]
     return out
 
 
-def test_lightning_lore_ddp_strategy_two_ranks():
+@pytest.mark.parametrize("compressor", ["lore", "greedylore"])
+def test_lightning_lore_ddp_strategy_two_ranks(compressor):
     from lorecomm.integrations._launch import run_ranks
 
-    results = run_ranks(_worker, 2)
+    results = run_ranks(_worker, 2, compressor)
     r = results[0]
     for name in ("exact", "low"):
         st = r[name + "_stats"]

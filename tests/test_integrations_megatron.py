@@ -20,8 +20,15 @@ STEPS = 5
 # (reduce-scatter path, overlap on, two buckets, sharded SGD step + param all-gather)
 MODES = ("sync", "overlap", "distopt")
 # r = a: every matrix below is 16x8 or 8x16, a = 8
-EXACT = dict(rank=8, start_step=1, update_interval=3, min_compression_rate=0.5)
-LOW = dict(rank=2, start_step=1, update_interval=3, min_compression_rate=0.5)
+
+def configs(compressor: str):
+    """(r = a, r < a) configurations of each compressor (the exact one reproduces dense training:
+    GreedyLore's full basis, Lore on an fp32 wire)."""
+    if compressor == "greedylore":
+        base = dict(compressor="greedylore", start_step=1, update_interval=3, min_compression_rate=0.5)
+    else:
+        base = dict(start_step=1, wire=torch.float32, min_compression_rate=0.5)
+    return dict(base, rank=8), dict(base, rank=2)
 
 
 def _model():
@@ -83,7 +90,7 @@ def _train(rank, overlap, lore, microbatches=1, distopt=False):
     return flat, (state.stats() if state is not None else None), calls, n_buckets
 
 
-def _worker(rank, world_size):
+def _worker(rank, world_size, compressor):
     from megatron.core import parallel_state
 
     from lorecomm.integrations import _launch
@@ -92,6 +99,7 @@ def _worker(rank, world_size):
     lore_megatron.cpu_shim()
     _launch.init_gloo()
     parallel_state.initialize_model_parallel(1, 1)
+    EXACT, LOW = configs(compressor)
     out = {}
     for mode in MODES:
         overlap, distopt = mode in ("overlap", "distopt"), mode == "distopt"
@@ -106,11 +114,12 @@ def _worker(rank, world_size):
     return out
 
 
-def test_megatron_ddp_greedylore_two_ranks():
+@pytest.mark.parametrize("compressor", ["lore", "greedylore"])
+def test_megatron_ddp_two_ranks(compressor):
     """overlap off/on and the distributed optimizer, each: dense vs r = a vs r < a."""
     from lorecomm.integrations._launch import run_ranks
 
-    results = run_ranks(_worker, 2)
+    results = run_ranks(_worker, 2, compressor)
     for mode in MODES:
         r = results[0][mode]
         assert r["buckets"] == (1 if mode == "sync" else 2)

@@ -221,6 +221,20 @@ def test_score_sketch_deterministic_over_splits():
         _close(o, ref, 1e-5, "score_sketch split")
 
 
+# ---------------------------------------------------------------- range_sketch
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("split", [None, 2])
+def test_range_sketch(case, split):
+    B, a, b, c = case
+    dtype = DTYPES[(a + c) % 3]
+    layout = LAYOUTS[(b + c) % len(LAYOUTS)]
+    gen, G, E = _case_inputs(a * 17 + c, B, a, b, dtype, layout)
+    Q = _rand(gen, (B, c + 1, b), "padded")[:, :c]  # a row slice, as the engine passes it
+    Y = K.range_sketch(G, E, Q, split=split, block_n=16)
+    assert Y.shape == (B, a, c) and Y.dtype == torch.float32
+    _close(Y, (G.double() + E.double()) @ Q.double().transpose(1, 2), 1e-5, "range_sketch")
+
+
 # ---------------------------------------------------------------- project_residual
 PR_PATHS = [{}, {"max_block_a": 16}, {"max_block_a": 16, "max_block_r": 16}]
 
@@ -272,6 +286,21 @@ def test_project_residual_nonfinite_step_keeps_E():
     K.project_residual(G, E, P, R, torch.tensor(False))
     assert torch.equal(E, E0)
     assert not torch.isfinite(R[1]).all()
+
+
+@pytest.mark.parametrize("path", PR_PATHS)
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+def test_project_residual_low_precision_R(path, wire):
+    """R in a wire dtype: rounded to nearest even as the GPU rounds, E uses the rounded R."""
+    B, a, b, r = 2, 37, 29, 20
+    gen, G, E = _case_inputs(13, B, a, b, torch.float32, "padded")
+    P = _orth(gen, B, a)[:, :, :r]
+    R = torch.empty(B, r, b, dtype=wire)
+    H = G.double() + E.double()
+    K.project_residual(G, E, P, R, torch.tensor(True), **path)
+    Rref = (P.double().transpose(1, 2) @ H)
+    _close(R, Rref, {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}[wire], "R wire")
+    _close(E, H - P.double() @ R.double(), 1e-5, "E with the rounded R")
 
 
 def test_project_residual_r0():
@@ -326,7 +355,7 @@ def test_register_cuda_kernels_is_safe():
     assert set(names) == declared
     if len(declared) < len(K.LAUNCHERS):
         assert any("not declared" in str(x.message) for x in w)
-    assert set(K.LAUNCHERS) == {"probe_normal", "score_paper", "score_sketch",
+    assert set(K.LAUNCHERS) == {"probe_normal", "score_paper", "score_sketch", "range_sketch",
                                 "project_residual", "decompress"}
 
 
@@ -364,6 +393,16 @@ def test_triton_matches_cpu_ops(case):
         _close(E_t, E_c.double(), 1e-5, "E")
         if not ok:
             assert torch.equal(E_t, E) and torch.equal(E_c, E)
+    Q = _rand(gen, (B, r, b), "flat")
+    Y_t, Y_c = K.range_sketch(G, E, Q), ops.range_sketch(G, E, Q)
+    _close(Y_t, Y_c.double(), 1e-5, "range_sketch")
+    for wire in (torch.bfloat16, torch.float16):
+        R_t, R_c = torch.empty(B, r, b, dtype=wire), torch.empty(B, r, b, dtype=wire)
+        E_t, E_c = E.clone(), E.clone()
+        K.project_residual(G, E_t, P, R_t, torch.tensor(True))
+        ops.project_residual(G, E_c, P, R_c, torch.tensor(True))
+        ulps = (R_t.view(torch.int16).int() - R_c.view(torch.int16).int()).abs().max().item()
+        assert ulps <= 1, f"R {wire}: {ulps} ulp"
     Rbar = _rand(gen, (B, r, b), "flat_t")
     for dtype in DTYPES:
         o_t = _like_layout(torch.zeros(B, a, b, dtype=dtype), "transposed", B, a, b, dtype)

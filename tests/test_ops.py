@@ -186,6 +186,46 @@ def test_project_residual_column_strided_R(shape):
     assert big[:, :, 1::2].isnan().all()
 
 
+@pytest.mark.parametrize("shape", SHAPES[2:6])
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+def test_project_residual_low_precision_R(shape, wire):
+    """R in a wire dtype: written rounded, and E = H - P R with the rounded R (the rounding
+    error stays in the error buffer)."""
+    B, a, b, r = shape
+    gen = torch.Generator().manual_seed(a + b + r)
+    G = _matrix(B, a, b, torch.float32, LAYOUTS[a % 3], gen)
+    E = _matrix(B, a, b, torch.float32, "contiguous", gen)
+    P = _orthonormal(B, a, gen)[:, :, :r]
+    R = torch.empty(B, r, b, dtype=wire)
+    H = G.double() + E.double()
+    R_ref = (P.double().transpose(1, 2) @ H)
+    ops.project_residual(G, E, P, R, torch.tensor(True))
+    eps = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}[wire]
+    _close(R, R_ref, rel=eps)
+    _close(E, H - P.double() @ R.double())  # the rounded R, not R_ref
+
+
+# --------------------------------------------------------------- range_sketch
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", GRAD_DTYPES)
+def test_range_sketch(shape, dtype):
+    B, a, b, c = shape
+    gen = torch.Generator().manual_seed(a * 5 + b + c)
+    G = _matrix(B, a, b, dtype, LAYOUTS[(a + c) % 3], gen)
+    E = _matrix(B, a, b, torch.float32, LAYOUTS[b % 3], gen)
+    Q = torch.randn(B, c + 2, b, generator=gen)[:, 1:c + 1]  # a row slice, as the engine passes it
+    Y = ops.range_sketch(G, E, Q)
+    assert Y.shape == (B, a, c) and Y.dtype == torch.float32
+    _close(Y, (G.double() + E.double()) @ Q.double().transpose(1, 2))
+
+
+def test_probe_keys_match_the_reference():
+    ids = torch.tensor([0, 1, 7, 123456, 2**40 + 3])
+    for seed, step, stream in [(0, 0, 0), (3, 17, 2), (2**31 - 1, 10**9, 5)]:
+        want = [probe_key(seed, step, int(i), stream) for i in ids]
+        assert ops.probe_keys(ids, seed, step, stream).tolist() == want
+
+
 def test_rank_zero_projects_nothing():
     gen = torch.Generator().manual_seed(6)
     G = _matrix(2, 5, 7, torch.bfloat16, "transposed", gen)
@@ -291,6 +331,10 @@ def _opcheck_cases():
         "project_residual": (G, E, P, R, torch.tensor(True)),
         "project_residual_not_ok": (G, E, P, R, torch.tensor(False)),
         "decompress": (P, torch.randn(B, r, b, generator=gen), out),
+        "decompress_low_precision_Rbar": (P, torch.randn(B, r, b, generator=gen).bfloat16(), out),
+        "project_residual_low_precision_R": (G, E, P, torch.zeros(B, r, b, dtype=torch.bfloat16), torch.tensor(True)),
+        "range_sketch": (G, E, torch.randn(B, r, b, generator=gen)),
+        "probe_keys": (torch.arange(5), 3, 11, 2),
         "refresh_basis": (G,),
     }
 
@@ -298,7 +342,8 @@ def _opcheck_cases():
 @pytest.mark.parametrize("name", list(_opcheck_cases()))
 def test_opcheck(name):
     args = _opcheck_cases()[name]
-    op = getattr(lc, name.replace("_not_ok", "")).default
+    base = name.replace("_not_ok", "").replace("_low_precision_Rbar", "").replace("_low_precision_R", "")
+    op = getattr(lc, base).default
     torch.library.opcheck(op, args)
 
 
@@ -314,6 +359,8 @@ def test_fake_shapes():
         assert lc.score_sketch(G, E, U, keys, 5).shape == (3, 4, 5)
         assert lc.probe_normal(keys, 2, 7).shape == (3, 2, 7)
         assert lc.refresh_basis(G).shape == (3, 4, 4)
+        assert lc.range_sketch(G, E, torch.empty(3, 2, 9)).shape == (3, 4, 2)
+        assert lc.probe_keys(keys, 0, 1, 2).shape == (3,)
 
 
 def test_backend_info():

@@ -12,6 +12,9 @@ step (``Method.bytes_sent()``), so dense, torch PowerSGD and lorecomm are counte
   < ``start_powerSGD_iter`` the whole bucket (4 * numel); afterwards, for each gradient viewed
   as ``shape[0] x rest``, (m + n) * r' * 4 bytes if torch compresses it
   (m * n > (m + n) * r' * min_compression_rate, r' = min(m, n, r)) else 4 * numel.
+- ``lore``: lorecomm's default compressor (``lorecomm.register(ddp, rank=...)``) at rank
+  ``lore_rank`` (default twice ``rank``: its bf16 factors then send PowerSGD's bytes at ``rank``),
+  every matrix compressed as PowerSGD does (no dense embeddings); bytes from ``state.stats()``.
 - ``greedylore`` / ``greedy-fixed`` / ``greedy-random`` / ``greedy-noef``: ``lorecomm.register``
   with selection greedy / fixed / random, or error feedback off; bytes from ``state.stats()``.
 - ``randk`` / ``haar`` / ``gaussian``: ``lorecomm.RandomLinearState`` (arXiv 2411.12898),
@@ -23,13 +26,14 @@ import torch
 
 DENSE = "dense"
 POWERSGD = "powersgd"
+LORE = "lore"
 GREEDY = {"greedylore": dict(selection="greedy"),
           "greedy-fixed": dict(selection="fixed"),
           "greedy-random": dict(selection="random"),
           "greedy-noef": dict(selection="greedy", error_feedback=False),
           "greedy-sketch": dict(selection="greedy", probes="sketch")}
 RANDOM_LINEAR = {"randk": "randk", "haar": "haar", "gaussian": "gaussian"}
-ALL_METHODS = [DENSE, POWERSGD, *GREEDY, *RANDOM_LINEAR]
+ALL_METHODS = [DENSE, POWERSGD, LORE, *GREEDY, *RANDOM_LINEAR]
 
 
 def single_bucket_mb(model) -> float:
@@ -75,6 +79,15 @@ class Method:
             self._psgd_start = start_p
             self._psgd_bytes = powersgd_step_bytes(self.params, r)
             self.note = f"torch powerSGD_hook r={r}, start_powerSGD_iter={start_p}, single DDP bucket"
+        elif name == LORE:
+            import lorecomm
+            kw = dict(rank=cfg.get("lore_rank") or 2 * r, start_step=start, seed=cfg.get("seed", 0),
+                      dense_name_patterns=(), dense_embeddings=False)
+            for k in ("min_compression_rate", "explore"):
+                if k in cfg:
+                    kw[k] = cfg[k]
+            self.state = lorecomm.register(ddp, state=lorecomm.LoreState(process_group=ddp.process_group, **kw))
+            self.note = ", ".join(f"{k}={v}" for k, v in kw.items())
         elif name in GREEDY:
             import lorecomm
             kw = dict(rank=r, update_interval=cfg.get("update_interval", 50), start_step=start,

@@ -1,10 +1,14 @@
-// C++ tests of the lorecomm engine (csrc/engine.cpp), run by ctest and from
-// tests/test_engine.py. No Python: N "ranks" are threads of this process joined
-// by an in-process c10d Backend (ThreadWorld) that can delay or kill a rank;
-// the torch.ops.lorecomm ops are registered here with plain ATen reference
-// kernels (the real kernels are tested in tests/; this tests orchestration:
-// ordering, asynchrony, selection, accounting, error propagation, shutdown).
+// C++ tests of the lorecomm engine (csrc/engine.cpp) and its steps
+// (csrc/steps/), run by ctest and from tests/test_engine.py. No Python: N
+// "ranks" are threads of this process joined by an in-process c10d Backend
+// (ThreadWorld) that can delay or kill a rank, or pretend to be another
+// backend. The real op kernels (csrc/ops.cpp, basis.cpp, keys.cpp) are linked
+// in; a CPU kernel registered here for refresh_basis can perturb one rank's
+// basis. This tests orchestration: ordering, asynchrony, inline mode, byte and
+// collective accounting, identical replicas, non-finite steps, error
+// propagation and messages, timeouts, shutdown (also of a stuck worker).
 #include "engine.h"
+#include "steps/steps.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -16,7 +20,6 @@
 
 #include <atomic>
 #include <cmath>
-#include <cstdio>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -25,63 +28,23 @@
 #include <thread>
 
 using namespace std::chrono_literals;
-using lorecomm::engine::BatchSpec;
 using lorecomm::engine::Engine;
-using lorecomm::engine::Job;
-using lorecomm::engine::Phase;
+using lorecomm::engine::Step;
+namespace st = lorecomm::steps;
 
-// ------------------------------------------------------------ reference ops
+// ------------------------------------------------ refresh_basis, perturbable
 namespace {
-at::Tensor probes(const at::Tensor& keys, int64_t rows, int64_t cols) {
-  auto off = at::arange(rows * cols, at::kDouble).view({1, rows, cols});
-  auto k = keys.to(at::kDouble).remainder(1000.0).view({-1, 1, 1});
-  return at::sin(off * 0.7 + k * 1.3).to(at::kFloat);
-}
-at::Tensor score_paper(const at::Tensor& G, const at::Tensor& E, const at::Tensor& U, const at::Tensor& keys) {
-  auto H = G.to(at::kFloat) + E;
-  auto Z = at::matmul(U.transpose(-1, -2), H);
-  return (Z * probes(keys, G.size(1), G.size(2))).sum(-1);
-}
-at::Tensor score_sketch(const at::Tensor& G, const at::Tensor& E, const at::Tensor& U, const at::Tensor& keys,
-                        int64_t k) {
-  auto H = G.to(at::kFloat) + E;
-  return at::matmul(U.transpose(-1, -2), at::matmul(H, probes(keys, G.size(2), k)));
-}
-void project_residual(const at::Tensor& G, const at::Tensor& E, const at::Tensor& P, const at::Tensor& R,
-                      const at::Tensor& ok) {
-  auto H = G.to(at::kFloat) + E;
-  auto Rn = at::matmul(P.transpose(-1, -2), H);
-  R.copy_(Rn);
-  E.copy_(at::where(ok, H - at::matmul(P, Rn), E));
-}
-void decompress(const at::Tensor& P, const at::Tensor& Rbar, const at::Tensor& out) {
-  out.copy_(at::matmul(P, Rbar));
-}
 // the next refresh_basis call (whichever rank's) perturbs its result in the last bits
 std::atomic<bool> perturb_next_basis{false};
-at::Tensor refresh_basis(const at::Tensor& H) {
-  auto h = H.to(at::kDouble);
-  auto eye = at::eye(H.size(1), at::kDouble);
-  auto U = std::get<0>(at::linalg_qr(at::matmul(h, h.transpose(-1, -2)) + eye)).to(at::kFloat);
+at::Tensor refresh_basis_cpu(const at::Tensor& H) {
+  auto h = at::nan_to_num(H.to(at::kDouble), 0.0, 0.0, 0.0);
+  auto U = std::get<1>(at::linalg_eigh(at::matmul(h, h.transpose(-1, -2)))).flip({-1}).to(at::kFloat).contiguous();
   if (perturb_next_basis.exchange(false)) U.mul_(1 + 1e-6);
   return U;
 }
 }  // namespace
 
-TORCH_LIBRARY(lorecomm, m) {
-  m.def("score_paper(Tensor G, Tensor E, Tensor U, Tensor keys) -> Tensor");
-  m.def("score_sketch(Tensor G, Tensor E, Tensor U, Tensor keys, int k) -> Tensor");
-  m.def("project_residual(Tensor G, Tensor(a!) E, Tensor P, Tensor(b!) R, Tensor ok) -> ()");
-  m.def("decompress(Tensor P, Tensor Rbar, Tensor(a!) out) -> ()");
-  m.def("refresh_basis(Tensor H) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(lorecomm, CPU, m) {
-  m.impl("score_paper", &score_paper);
-  m.impl("score_sketch", &score_sketch);
-  m.impl("project_residual", &project_residual);
-  m.impl("decompress", &decompress);
-  m.impl("refresh_basis", &refresh_basis);
-}
+TORCH_LIBRARY_IMPL(lorecomm, CPU, m) { m.impl("refresh_basis", &refresh_basis_cpu); }
 
 // --------------------------------------------------- in-process thread world
 struct ThreadWorld {
@@ -95,7 +58,6 @@ struct ThreadWorld {
   std::vector<at::Tensor> bufs;
   at::Tensor result;
   std::set<int> dead;
-  std::atomic<int64_t> collectives{0};
   std::function<void(int)> before_collective;  // test hook: delay a rank
 
   // kind: "sum", "max" (all-reduce) or "bcast" (from rank 0)
@@ -106,6 +68,9 @@ struct ThreadWorld {
     const int64_t my_gen = gen;
     bufs[rank] = t;
     if (++arrived == n) {
+      for (int r = 1; r < n; ++r)
+        if (bufs[r].numel() != bufs[0].numel())
+          throw std::runtime_error("ThreadWorld: Received data size doesn't match expected size");
       at::Tensor acc = bufs[0].clone();
       for (int r = 1; r < n && kind != "bcast"; ++r) {  // fixed order: identical on every rank
         if (kind == "max")
@@ -116,7 +81,6 @@ struct ThreadWorld {
       result = acc;
       arrived = 0;
       ++gen;
-      ++collectives;
       cv.notify_all();
     } else if (!cv.wait_for(g, timeout, [&] { return gen != my_gen || dead.size() > 0; }) || gen == my_gen) {
       --arrived;
@@ -137,8 +101,9 @@ struct DoneWork : c10d::Work {
 };
 
 struct ThreadBackend : c10d::Backend {
-  ThreadBackend(std::shared_ptr<ThreadWorld> w, int rank) : c10d::Backend(rank, w->n), world(std::move(w)) {}
-  const std::string getBackendName() const override { return "thread-world"; }
+  ThreadBackend(std::shared_ptr<ThreadWorld> w, int rank, std::string name)
+      : c10d::Backend(rank, w->n), world(std::move(w)), name(std::move(name)) {}
+  const std::string getBackendName() const override { return name; }
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& ts, const c10d::AllreduceOptions& o) override {
     TORCH_CHECK(o.reduceOp == c10d::ReduceOp::SUM || o.reduceOp == c10d::ReduceOp::MAX, "ThreadWorld: SUM or MAX");
     world->all_reduce(getRank(), ts.at(0), o.reduceOp == c10d::ReduceOp::MAX ? "max" : "sum");
@@ -153,14 +118,20 @@ struct ThreadBackend : c10d::Backend {
   }
   std::map<std::string, int> ops;  // collectives this rank issued, by kind
   std::shared_ptr<ThreadWorld> world;
+  std::string name;
 };
 
-c10::intrusive_ptr<c10d::ProcessGroup> make_pg(const std::shared_ptr<ThreadWorld>& w, int rank) {
+c10::intrusive_ptr<c10d::ProcessGroup> make_pg(const std::shared_ptr<ThreadWorld>& w, int rank,
+                                               const std::string& name = "thread-world") {
   auto pg = c10::make_intrusive<c10d::ProcessGroup>(rank, w->n);
-  auto be = c10::make_intrusive<ThreadBackend>(w, rank);
+  auto be = c10::make_intrusive<ThreadBackend>(w, rank, name);
   pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::CUSTOM, be);
   pg->setDefaultBackend(c10d::ProcessGroup::BackendType::CUSTOM);
   return pg;
+}
+
+std::map<std::string, int>& ops_of(const c10::intrusive_ptr<c10d::ProcessGroup>& pg) {
+  return static_cast<ThreadBackend*>(pg->getDefaultBackend().get())->ops;
 }
 
 // ------------------------------------------------------------------ harness
@@ -178,34 +149,6 @@ std::string error_of(const c10::intrusive_ptr<c10::ivalue::Future>& f) {
   return f->hasError() ? f->tryRetrieveErrorMessage() : std::string();
 }
 
-// One compressed bucket: two 6x10 matrices batched (B=2, a=6, b=10) + one
-// transposed 12x4 (a=4, b=12) + 7 dense leftovers, r = 2.
-struct Bucket {
-  at::Tensor buffer;
-  std::vector<BatchSpec> batches;
-  std::vector<std::pair<int64_t, int64_t>> dense;
-};
-Bucket make_bucket(int rank, int64_t step) {
-  Bucket bk;
-  const int64_t n1 = 2 * 60, n2 = 48, nd = 7;
-  auto g = at::make_generator<at::CPUGeneratorImpl>(1000 * rank + step);
-  bk.buffer = at::randn({n1 + n2 + nd}, g, at::kFloat);
-  auto base = bk.buffer;
-  at::Tensor G1 = base.as_strided({2, 6, 10}, {60, 10, 1}, 0);
-  at::Tensor G2 = base.as_strided({1, 12, 4}, {48, 4, 1}, n1).transpose(1, 2);  // oriented (1, 4, 12)
-  for (auto [G, a, b] : {std::tuple{G1, 6, 10}, std::tuple{G2, 4, 12}}) {
-    BatchSpec s;
-    s.G = G;
-    s.E = at::zeros({G.size(0), a, b});
-    s.U = std::get<0>(at::linalg_qr(at::randn({G.size(0), a, a}, at::make_generator<at::CPUGeneratorImpl>(7)))).contiguous();
-    s.keys = at::arange(G.size(0), at::kLong) + step * 10;
-    s.rank = 2;
-    bk.batches.push_back(s);
-  }
-  bk.dense = {{n1 + n2, n1 + n2 + nd}};
-  return bk;
-}
-
 template <class F>
 void on_ranks(int n, F f) {
   std::vector<std::thread> ts;
@@ -213,23 +156,112 @@ void on_ranks(int n, F f) {
   for (auto& t : ts) t.join();
 }
 
-void test_dense_mean() {
+// One bucket: two 6x10 matrices batched (B=2, a=6, b=10) + one transposed
+// 12x4 (a=4, b=12) + 7 dense leftovers.
+struct Bucket {
+  at::Tensor buffer;
+  std::vector<st::Batch> batches;
+  st::Ranges dense;
+};
+constexpr int64_t kN1 = 2 * 60, kN2 = 48, kND = 7;
+
+at::Tensor grad(int rank, int64_t step) {
+  auto g = at::make_generator<at::CPUGeneratorImpl>(1000 * rank + step);
+  return at::randn({kN1 + kN2 + kND}, g, at::kFloat);
+}
+
+Bucket make_bucket(int rank, int64_t step, int64_t r = 2) {
+  Bucket bk;
+  bk.buffer = grad(rank, step);
+  at::Tensor G1 = bk.buffer.as_strided({2, 6, 10}, {60, 10, 1}, 0);
+  at::Tensor G2 = bk.buffer.as_strided({1, 12, 4}, {48, 4, 1}, kN1).transpose(1, 2);  // oriented (1, 4, 12)
+  int64_t id = 0;
+  for (auto [G, a, b] : {std::tuple{G1, 6, 10}, std::tuple{G2, 4, 12}}) {
+    st::Batch s;
+    s.G = G;
+    s.E = at::zeros({G.size(0), a, b});
+    s.ids = at::arange(id, id + G.size(0), at::kLong);
+    id += G.size(0);
+    s.rank = r;
+    s.U = at::eye(a).expand({G.size(0), a, a}).contiguous();
+    s.Q = at::randn({G.size(0), r, b}, at::make_generator<at::CPUGeneratorImpl>(7));
+    bk.batches.push_back(s);
+  }
+  bk.dense = {{kN1 + kN2, kN1 + kN2 + kND}};
+  return bk;
+}
+
+std::shared_ptr<st::DenseStep> dense_step(at::Tensor buf) {
+  auto s = std::make_shared<st::DenseStep>();
+  s->buffer = std::move(buf);
+  return s;
+}
+
+std::shared_ptr<st::GreedyLoreStep> greedy_step(const Bucket& bk, bool refresh, int64_t step, int64_t k = 0,
+                                                const std::string& selection = "greedy", bool ef = true) {
+  auto s = std::make_shared<st::GreedyLoreStep>();
+  s->refresh = refresh;
+  s->buffer = bk.buffer;
+  s->batches = bk.batches;
+  s->dense_ranges = bk.dense;
+  s->selection = selection;
+  s->sketch_k = k;
+  s->error_feedback = ef;
+  s->seed = 3;
+  s->step = step;
+  s->ok = at::empty({}, at::kBool);
+  return s;
+}
+
+std::shared_ptr<st::LoreStep> lore_step(const Bucket& bk, int64_t step, int64_t explore = 1,
+                                        at::ScalarType wire = at::kBFloat16) {
+  auto s = std::make_shared<st::LoreStep>();
+  s->buffer = bk.buffer;
+  s->batches = bk.batches;
+  s->dense_ranges = bk.dense;
+  s->wire = wire;
+  s->explore = explore;
+  s->seed = 3;
+  s->step = step;
+  s->ok = at::empty({}, at::kBool);
+  return s;
+}
+
+// ------------------------------------------------------------------- tests
+void test_dense_mean(bool inline_mode) {
   auto w = std::make_shared<ThreadWorld>(2, 5000ms);
   std::vector<at::Tensor> out(2);
   on_ranks(2, [&](int r) {
-    Engine e(make_pg(w, r));
-    Job j;
-    j.buffer = at::full({1000}, float(r + 1));
-    auto f = e.submit(std::move(j));
+    Engine e(make_pg(w, r), 0ms, inline_mode);
+    auto s = dense_step(at::full({1000}, float(r + 1)));
+    auto f = e.submit(s);
+    if (inline_mode) EXPECT(f->completed(), "an inline step is done when submit returns");
     EXPECT(error_of(f).empty(), error_of(f));
     out[r] = f->value().toTensor();
+    EXPECT(s->bytes_sent == 4000 && s->collectives == 1, "bytes " << s->bytes_sent << " collectives " << s->collectives);
   });
   EXPECT(at::allclose(out[0], at::full({1000}, 1.5f)), "dense mean wrong");
   EXPECT(at::equal(out[0], out[1]), "ranks differ");
 }
 
-// The engine's compressed step equals the same maths written out here.
-void test_compressed_matches_reference(int64_t sketch_k, bool ef) {
+void test_dense_wire() {
+  auto w = std::make_shared<ThreadWorld>(2, 5000ms);
+  std::vector<at::Tensor> out(2), in(2);
+  on_ranks(2, [&](int r) {
+    Engine e(make_pg(w, r));
+    in[r] = grad(r, 1);
+    auto s = dense_step(in[r].clone());
+    s->wire = at::kBFloat16;
+    EXPECT(error_of(e.submit(s)).empty(), "dense bf16");
+    out[r] = s->buffer;
+    EXPECT(s->bytes_sent == 2 * in[r].numel(), "bf16 bytes " << s->bytes_sent);
+  });
+  auto want = (in[0].to(at::kBFloat16).div(2) + in[1].to(at::kBFloat16).div(2)).to(at::kFloat);
+  EXPECT(at::equal(out[0], want) && at::equal(out[0], out[1]), "bf16 wire mean");
+}
+
+// GreedyLore's compressed step equals the same op calls and sums written out here.
+void test_greedy_compressed_matches_reference(int64_t k) {
   const int N = 2;
   auto w = std::make_shared<ThreadWorld>(N, 5000ms);
   std::vector<Bucket> eng(N), ref(N);
@@ -237,104 +269,131 @@ void test_compressed_matches_reference(int64_t sketch_k, bool ef) {
     eng[r] = make_bucket(r, 3);
     ref[r] = make_bucket(r, 3);
   }
-  std::vector<at::Tensor> oks(N);
   on_ranks(N, [&](int r) {
     Engine e(make_pg(w, r));
-    for (int step = 0; step < 3; ++step) {  // E carries over between steps
-      Job j;
-      j.phase = Phase::Compressed;
-      j.buffer = eng[r].buffer;
-      j.batches = eng[r].batches;
-      j.dense_ranges = eng[r].dense;
-      j.sketch_k = sketch_k;
-      j.error_feedback = ef;
-      oks[r] = at::empty({}, at::kBool);
-      j.ok_out = oks[r];
-      auto f = e.submit(std::move(j));
-      EXPECT(error_of(f).empty(), error_of(f));
-      if (step < 2) eng[r].buffer.copy_(make_bucket(r, 4 + step).buffer);
+    auto s = greedy_step(eng[r], false, 5, k);
+    EXPECT(error_of(e.submit(s)).empty(), "greedy step");
+    EXPECT(s->ok.item<bool>(), "ok flag");
+    int64_t nscores = 0, nfac = 0;
+    for (auto& b : eng[r].batches) {
+      nscores += b.B() * b.a() * std::max<int64_t>(k, 1);
+      nfac += b.B() * b.rank * b.b();
     }
+    EXPECT(s->bytes_sent == 4 * (nscores + nfac + kND) && s->collectives == 2, "greedy bytes " << s->bytes_sent);
   });
-  // reference: all ranks in one thread, same op order
-  for (int step = 0; step < 3; ++step) {
-    std::vector<at::Tensor> flats(N);
-    for (int r = 0; r < N; ++r) {
-      std::vector<at::Tensor> sc;
-      for (auto& b : ref[r].batches)
-        sc.push_back((sketch_k ? score_sketch(b.G, b.E, b.U, b.keys, sketch_k) : score_paper(b.G, b.E, b.U, b.keys))
-                         .reshape({-1}));
-      flats[r] = at::cat(sc).div_(N);
-    }
-    at::Tensor flat = flats[0].clone();
-    for (int r = 1; r < N; ++r) flat.add_(flats[r]);
-    std::vector<at::Tensor> comms(N);
-    std::vector<std::vector<at::Tensor>> Ps(N);
-    for (int r = 0; r < N; ++r) {
-      int64_t pos = 0;
-      std::vector<at::Tensor> parts;
-      for (auto& b : ref[r].batches) {
-        const int64_t B = b.G.size(0), a = b.G.size(1), n = b.G.size(2);
-        auto lbar = flat.narrow(0, pos, (sketch_k ? B * a * sketch_k : B * a)).view({B, a, -1});
-        pos += lbar.numel();
-        auto J = std::get<1>(lbar.square().mean(-1).sort(true, -1, true)).narrow(-1, 0, b.rank);
-        auto P = b.U.gather(2, J.unsqueeze(1).expand({B, a, b.rank}));
-        auto R = at::empty({B, b.rank, n});
-        project_residual(b.G, b.E, P, R, at::scalar_tensor(ef, at::kBool));
-        Ps[r].push_back(P);
-        parts.push_back(R.reshape({-1}));
-      }
-      for (auto [s, e] : ref[r].dense) parts.push_back(ref[r].buffer.narrow(0, s, e - s));
-      comms[r] = at::cat(parts).div_(N);
-    }
-    at::Tensor comm = comms[0].clone();
-    for (int r = 1; r < N; ++r) comm.add_(comms[r]);
-    for (int r = 0; r < N; ++r) {
-      int64_t pos = 0;
-      for (size_t i = 0; i < ref[r].batches.size(); ++i) {
-        auto& b = ref[r].batches[i];
-        auto n = b.G.size(0) * b.rank * b.G.size(2);
-        decompress(Ps[r][i], comm.narrow(0, pos, n).view({b.G.size(0), b.rank, b.G.size(2)}), b.G);
-        pos += n;
-      }
-      for (auto [s, e] : ref[r].dense) {
-        ref[r].buffer.narrow(0, s, e - s).copy_(comm.narrow(0, pos, e - s));
-        pos += e - s;
-      }
-      if (step < 2) ref[r].buffer.copy_(make_bucket(r, 4 + step).buffer);
-    }
-  }
+  std::vector<at::Tensor> flats(N);
   for (int r = 0; r < N; ++r) {
-    EXPECT(at::equal(eng[r].buffer, ref[r].buffer), "k=" << sketch_k << " rank " << r << ": bucket differs");
+    std::vector<at::Tensor> sc;
+    for (auto& b : ref[r].batches) {
+      auto keys = st::keys_for(b, 3, 5, 0);
+      sc.push_back((k ? st::call1("lorecomm::score_sketch", {b.G, b.E, b.U, keys, k})
+                      : st::call1("lorecomm::score_paper", {b.G, b.E, b.U, keys}))
+                       .reshape({-1}));
+    }
+    flats[r] = at::cat(sc).div_(N);
+  }
+  at::Tensor flat = flats[0] + flats[1];
+  std::vector<at::Tensor> comms(N);
+  std::vector<std::vector<at::Tensor>> Ps(N);
+  for (int r = 0; r < N; ++r) {
+    int64_t pos = 0;
+    std::vector<at::Tensor> parts;
+    for (auto& b : ref[r].batches) {
+      const int64_t B = b.B(), a = b.a(), n = b.b();
+      auto lbar = flat.narrow(0, pos, B * a * std::max<int64_t>(k, 1)).view({B, a, -1});
+      pos += lbar.numel();
+      auto J = std::get<1>(lbar.square().mean(-1).sort(true, -1, true)).narrow(-1, 0, b.rank);
+      auto P = b.U.gather(2, J.unsqueeze(1).expand({B, a, b.rank}));
+      auto R = at::empty({B, b.rank, n});
+      st::call0("lorecomm::project_residual", {b.G, b.E, P, R, at::scalar_tensor(true, at::kBool)});
+      Ps[r].push_back(P);
+      parts.push_back(R.reshape({-1}));
+    }
+    parts.push_back(ref[r].buffer.narrow(0, kN1 + kN2, kND));
+    comms[r] = at::cat(parts).div_(N);
+  }
+  at::Tensor comm = comms[0] + comms[1];
+  for (int r = 0; r < N; ++r) {
+    int64_t pos = 0;
+    for (size_t i = 0; i < ref[r].batches.size(); ++i) {
+      auto& b = ref[r].batches[i];
+      auto n = b.B() * b.rank * b.b();
+      st::call0("lorecomm::decompress", {Ps[r][i], comm.narrow(0, pos, n).view({b.B(), b.rank, b.b()}), b.G});
+      pos += n;
+    }
+    ref[r].buffer.narrow(0, kN1 + kN2, kND).copy_(comm.narrow(0, pos, kND));
+    EXPECT(at::equal(eng[r].buffer, ref[r].buffer), "k=" << k << " rank " << r << ": bucket differs");
     for (size_t i = 0; i < eng[r].batches.size(); ++i)
       EXPECT(at::equal(eng[r].batches[i].E, ref[r].batches[i].E), "rank " << r << ": E differs");
-    EXPECT(oks[r].item<bool>(), "ok flag");
   }
-  EXPECT(at::equal(eng[0].buffer, eng[1].buffer), "ranks disagree");
-  EXPECT(ef || at::equal(eng[0].batches[0].E, at::zeros_like(eng[0].batches[0].E)), "E must stay 0 without EF");
 }
 
 void test_nonfinite_step_is_poisoned() {
-  auto w = std::make_shared<ThreadWorld>(2, 5000ms);
-  std::vector<Bucket> bk{make_bucket(0, 1), make_bucket(1, 1)};
-  bk[1].buffer[3] = std::nan("");
-  std::vector<at::Tensor> oks(2);
-  on_ranks(2, [&](int r) {
-    Engine e(make_pg(w, r));
-    Job j;
-    j.phase = Phase::Compressed;
-    j.buffer = bk[r].buffer;
-    j.batches = bk[r].batches;
-    j.dense_ranges = bk[r].dense;
-    oks[r] = at::empty({}, at::kBool);
-    j.ok_out = oks[r];
-    auto f = e.submit(std::move(j));
-    EXPECT(error_of(f).empty(), error_of(f));
-  });
-  for (int r = 0; r < 2; ++r) {
-    EXPECT(!oks[r].item<bool>(), "non-finite step must report ok=false");
-    EXPECT(!at::isfinite(bk[r].buffer.narrow(0, 0, 168)).all().item<bool>(), "factors must be NaN");
-    EXPECT(at::equal(bk[r].batches[0].E, at::zeros_like(bk[r].batches[0].E)), "E must not be poisoned");
+  for (const char* which : {"greedy", "lore"}) {
+    auto w = std::make_shared<ThreadWorld>(2, 5000ms);
+    std::vector<Bucket> bk{make_bucket(0, 1), make_bucket(1, 1)};
+    bk[1].buffer[kN1 + kN2 + 3] = std::nan("");  // a dense leftover on rank 1 only
+    std::vector<at::Tensor> Q0{bk[0].batches[0].Q.clone(), bk[1].batches[0].Q.clone()};
+    on_ranks(2, [&](int r) {
+      Engine e(make_pg(w, r));
+      std::shared_ptr<Step> s;
+      at::Tensor ok;
+      if (std::string(which) == "greedy") {
+        auto g = greedy_step(bk[r], false, 2);
+        ok = g->ok;
+        s = g;
+      } else {
+        auto l = lore_step(bk[r], 2);
+        ok = l->ok;
+        s = l;
+      }
+      EXPECT(error_of(e.submit(s)).empty(), which);
+      EXPECT(!ok.item<bool>(), which << ": a non-finite step must report ok=false on every rank");
+    });
+    for (int r = 0; r < 2; ++r) {
+      EXPECT(!at::isfinite(bk[r].buffer.narrow(0, 0, kN1 + kN2)).all().item<bool>(), which << ": output not NaN");
+      for (auto& b : bk[r].batches) EXPECT(at::equal(b.E, at::zeros_like(b.E)), which << ": E poisoned");
+      EXPECT(at::equal(bk[r].batches[0].Q, Q0[r]), which << ": Q changed on a skipped step");
+    }
   }
+}
+
+// Lore: identical replicas, what it sends, E = H - V R with R rounded to the wire,
+// Q = Rbar by decreasing row energy.
+void test_lore_step() {
+  const int N = 2;
+  auto w = std::make_shared<ThreadWorld>(N, 5000ms);
+  std::vector<Bucket> bk{make_bucket(0, 4, 3), make_bucket(1, 4, 3)};
+  std::vector<at::Tensor> H(N);
+  for (int r = 0; r < N; ++r) H[r] = bk[r].buffer.clone();
+  std::vector<std::map<std::string, int>> ops(N);
+  on_ranks(N, [&](int r) {
+    auto pg = make_pg(w, r);
+    Engine e(pg);
+    for (int64_t step = 1; step <= 3; ++step) {
+      auto s = lore_step(bk[r], step);
+      EXPECT(error_of(e.submit(s)).empty(), "lore step");
+      EXPECT(s->ok.item<bool>(), "ok");
+      int64_t sketch = 0, fac = 0;
+      for (auto& b : bk[r].batches) {
+        sketch += b.B() * b.a() * (b.rank - 1);
+        fac += b.B() * b.rank * b.b();
+      }
+      EXPECT(s->bytes_sent == 2 * (sketch + fac + kND) && s->collectives == 2, "lore bytes " << s->bytes_sent);
+      if (step < 3) bk[r].buffer.copy_(grad(r, 10 + step));
+    }
+    ops[r] = ops_of(pg);
+  });
+  EXPECT(at::equal(bk[0].buffer, bk[1].buffer), "replicas differ");
+  EXPECT(ops[0]["sum"] == 6 && ops[0].count("max") == 0, "two sum all-reduces per step");
+  for (int r = 0; r < N; ++r)
+    for (size_t i = 0; i < bk[r].batches.size(); ++i) {
+      const auto& Q = bk[r].batches[i].Q;
+      EXPECT(at::equal(Q, bk[0].batches[i].Q), "Q differs across ranks");
+      auto e = Q.square().sum(-1);
+      EXPECT(at::all(e.narrow(-1, 0, e.size(-1) - 1) >= e.narrow(-1, 1, e.size(-1) - 1)).item<bool>(),
+             "Q rows not by decreasing energy");
+    }
 }
 
 // A refresh: mean of G + E, a new basis per batch, E = 0, checksums; a basis that
@@ -343,53 +402,41 @@ void test_refresh(bool perturb) {
   const int N = 2;
   auto w = std::make_shared<ThreadWorld>(N, 5000ms);
   std::vector<Bucket> bk{make_bucket(0, 2), make_bucket(1, 2)};
-  std::vector<at::Tensor> expect_mean(1), oks(N), repairs(N);
-  // expected: the mean of G + E (E = 0.5 on every rank)
   for (auto& b : bk)
     for (auto& s : b.batches) s.E.fill_(0.5);
   at::Tensor mean = at::zeros_like(bk[0].buffer);
   for (int r = 0; r < N; ++r) {
     at::Tensor h = bk[r].buffer.clone();
-    for (auto& s : bk[r].batches)
-      h.as_strided(s.G.sizes(), s.G.strides(), s.G.storage_offset()).add_(s.E);
+    for (auto& s : bk[r].batches) h.as_strided(s.G.sizes(), s.G.strides(), s.G.storage_offset()).add_(s.E);
     mean.add_(h.div_(N));
   }
   perturb_next_basis = perturb;
   std::vector<std::map<std::string, int>> ops(N);
+  std::vector<std::vector<int64_t>> repairs(N);
   on_ranks(N, [&](int r) {
     auto pg = make_pg(w, r);
     Engine e(pg);
-    Job j;
-    j.phase = Phase::Refresh;
-    j.buffer = bk[r].buffer;
-    j.batches = bk[r].batches;
-    oks[r] = at::empty({}, at::kBool);
-    repairs[r] = at::full({2}, -1, at::kLong);
-    j.ok_out = oks[r];
-    j.repairs_out = repairs[r];
-    auto f = e.submit(std::move(j));
-    EXPECT(error_of(f).empty(), error_of(f));
-    ops[r] = static_cast<ThreadBackend*>(pg->getDefaultBackend().get())->ops;
+    auto s = greedy_step(bk[r], true, 2);
+    EXPECT(error_of(e.submit(s)).empty(), "refresh");
+    EXPECT(s->ok.item<bool>(), "ok flag");
+    repairs[r] = s->repairs;
+    ops[r] = ops_of(pg);
   });
   for (int r = 0; r < N; ++r) {
     EXPECT(at::allclose(bk[r].buffer, mean, 1e-6, 1e-6), "rank " << r << ": bucket is not the mean of G + E");
-    EXPECT(oks[r].item<bool>(), "ok flag");
     for (size_t i = 0; i < bk[r].batches.size(); ++i) {
       const auto& s = bk[r].batches[i];
       EXPECT(at::equal(s.E, at::zeros_like(s.E)), "E must be reset");
       EXPECT(at::equal(s.U, bk[0].batches[i].U), "rank " << r << ": basis " << i << " differs from rank 0's");
-      at::Tensor hbar = mean.as_strided(s.G.sizes(), s.G.strides(), s.G.storage_offset());
-      if (!perturb) EXPECT(at::equal(s.U, refresh_basis(hbar)), "basis " << i << " is not refresh_basis(mean)");
     }
-    // checksums: one MAX all-reduce; a repair broadcasts only the batch that differed (the first one called)
-    const int64_t want_repairs = perturb ? 1 : 0;
-    EXPECT(repairs[r].sum().item<int64_t>() == want_repairs, "repairs " << repairs[r]);
-    EXPECT(ops[r]["max"] == 1 && ops[r]["sum"] == 1 && ops[r]["bcast"] == want_repairs,
+    const int want = perturb ? 1 : 0;
+    EXPECT(repairs[r].size() == 2 && repairs[r][0] + repairs[r][1] == want, "repairs");
+    EXPECT(ops[r]["max"] == 1 && ops[r]["sum"] == 1 && ops[r]["bcast"] == want,
            "collectives: sum " << ops[r]["sum"] << " max " << ops[r]["max"] << " bcast " << ops[r]["bcast"]);
   }
 }
 
-// Given selections (the fixed / random ablations): no scores, one-float finite flag, then as greedy.
+// Given selections (the fixed / random ablations): no scores, one-float finite flag.
 void test_given_selection() {
   const int N = 2;
   auto w = std::make_shared<ThreadWorld>(N, 5000ms);
@@ -400,25 +447,16 @@ void test_given_selection() {
   on_ranks(N, [&](int r) {
     auto pg = make_pg(w, r);
     Engine e(pg);
-    Job j;
-    j.phase = Phase::Compressed;
-    j.buffer = bk[r].buffer;
-    j.batches = bk[r].batches;
-    for (auto& s : j.batches) s.picks = at::tensor({3, 0}, at::kLong).expand({s.G.size(0), 2});
-    j.dense_ranges = bk[r].dense;
-    auto f = e.submit(std::move(j));
-    EXPECT(error_of(f).empty(), error_of(f));
-    ops[r] = static_cast<ThreadBackend*>(pg->getDefaultBackend().get())->ops;
+    EXPECT(error_of(e.submit(greedy_step(bk[r], false, 3, 0, "fixed"))).empty(), "fixed");
+    ops[r] = ops_of(pg);
   });
-  // reference: R = P^T G (E = 0), mean over ranks, G = P Rbar
-  for (size_t i = 0; i < bk[0].batches.size(); ++i) {
+  for (size_t i = 0; i < bk[0].batches.size(); ++i) {  // fixed: the first r columns of U (= I here)
     const auto& s = bk[0].batches[i];
-    at::Tensor P = s.U.index_select(2, at::tensor({3, 0}, at::kLong));
-    at::Tensor Rbar = at::zeros({s.G.size(0), 2, s.G.size(2)});
+    at::Tensor P = s.U.narrow(2, 0, 2);
+    at::Tensor Rbar = at::zeros({s.B(), 2, s.b()});
     for (int r = 0; r < N; ++r) {
       const auto& G = bk[r].batches[i].G;
-      at::Tensor G0 = in[r].as_strided(G.sizes(), G.strides(), G.storage_offset());
-      Rbar.add_(at::matmul(P.transpose(-1, -2), G0) / N);
+      Rbar.add_(at::matmul(P.transpose(-1, -2), in[r].as_strided(G.sizes(), G.strides(), G.storage_offset())) / N);
     }
     EXPECT(at::allclose(s.G, at::matmul(P, Rbar), 1e-5, 1e-5), "batch " << i << " is not P Rbar");
   }
@@ -427,30 +465,28 @@ void test_given_selection() {
 }
 
 void test_async_and_ordered() {
-  // submit returns at once; jobs run in order; the worker is busy while the caller goes on
   auto w = std::make_shared<ThreadWorld>(2, 5000ms);
   w->before_collective = [](int r) {
     if (r == 1) std::this_thread::sleep_for(50ms);
   };
   on_ranks(2, [&](int r) {
     Engine e(make_pg(w, r));
+    e.set_logging(true);
     std::vector<c10::intrusive_ptr<c10::ivalue::Future>> fs;
     const double t0 = Engine::now_s();
-    for (int i = 0; i < 4; ++i) {
-      Job j;
-      j.buffer = at::full({16}, float(i));
-      fs.push_back(e.submit(std::move(j)));
-    }
+    for (int i = 0; i < 4; ++i) fs.push_back(e.submit(dense_step(at::full({16}, float(i)))));
     const double submit_time = Engine::now_s() - t0;
     EXPECT(submit_time < 0.04, "submit blocked for " << submit_time << " s");
-    EXPECT(!fs.back()->completed(), "last job finished before the delayed collectives could");
+    EXPECT(!fs.back()->completed(), "last step finished before the delayed collectives could");
     e.drain();
-    EXPECT(e.pending() == 0 && e.jobs_done() == 4, "drain");
+    EXPECT(e.pending() == 0 && e.steps_done() == 4, "drain");
     for (int i = 0; i < 4; ++i) EXPECT(fs[i]->value().toTensor()[0].item<float>() == float(i), "order");
     auto tl = e.timeline(true);
     EXPECT(tl.size() == 4, "timeline");
-    for (size_t i = 1; i < tl.size(); ++i) EXPECT(tl[i].start_s >= tl[i - 1].end_s, "jobs overlapped");
-    EXPECT(e.busy_seconds() > 0.1, "busy " << e.busy_seconds());
+    for (size_t i = 1; i < tl.size(); ++i) EXPECT(tl[i].start_s >= tl[i - 1].end_s, "steps overlapped");
+    auto log = e.collective_log(true);
+    EXPECT(log.size() == 4 && log[0].op == "all_reduce_sum" && log[0].numel == 16 && log[0].what == "dense",
+           "collective log");
   });
 }
 
@@ -459,54 +495,39 @@ void test_bad_tensor_errors_future() {
   Engine e(make_pg(w, 0));
   Bucket bk = make_bucket(0, 1);
   bk.batches[0].E = at::zeros({3, 3});
-  Job j;
-  j.phase = Phase::Compressed;
-  j.buffer = bk.buffer;
-  j.batches = bk.batches;
-  j.label = "bucket 7";
-  auto msg = error_of(e.submit(std::move(j)));
+  auto s = greedy_step(bk, false, 1);
+  s->label = "bucket 7";
+  auto msg = error_of(e.submit(s));
   EXPECT(msg.find("bucket 7") != std::string::npos && msg.find("bad input") != std::string::npos &&
              msg.find("E must be float32") != std::string::npos,
          "message: " << msg);
   EXPECT(msg.find("Exception raised from") == std::string::npos, "no C++ backtrace in the message: " << msg);
   // a rejected bucket poisons the engine (its peers' collectives are now out of step) until reset()
-  Job k;
-  k.buffer = at::zeros({4}, at::kInt);
-  msg = error_of(e.submit(std::move(k)));
-  EXPECT(msg.find("earlier bucket failed") != std::string::npos, msg);
+  msg = error_of(e.submit(dense_step(at::zeros({4}, at::kInt))));
+  EXPECT(msg.find("earlier bucket failed") != std::string::npos && msg.find("reset") != std::string::npos, msg);
   e.reset();
-  Job l;
-  l.buffer = at::zeros({4}, at::kInt);
-  msg = error_of(e.submit(std::move(l)));
+  msg = error_of(e.submit(dense_step(at::zeros({4}, at::kInt))));
   EXPECT(msg.find("dtype must be float32") != std::string::npos, msg);
 }
 
 void test_dead_peer_errors_within_timeout() {
   auto w = std::make_shared<ThreadWorld>(2, 800ms);
-  auto pg0 = make_pg(w, 0);
-  Engine e(pg0);
+  Engine e(make_pg(w, 0));
   const double t0 = Engine::now_s();
-  Job j;
-  j.buffer = at::ones({8});
-  j.label = "bucket 0";
-  auto f = e.submit(std::move(j));  // rank 1 never joins
-  auto msg = error_of(f);
-  const double dt = Engine::now_s() - t0;
-  EXPECT(!msg.empty() && msg.find("timed out") != std::string::npos && msg.find("all-reduce") != std::string::npos,
+  auto s = dense_step(at::ones({8}));
+  s->label = "bucket 0";
+  auto msg = error_of(e.submit(s));  // rank 1 never joins
+  EXPECT(Engine::now_s() - t0 < 3.0, "timeout not respected");
+  EXPECT(msg.find("timed out") != std::string::npos && msg.find("all_reduce_sum") != std::string::npos &&
+             msg.find("Likely cause") != std::string::npos,
          "message: " << msg);
-  EXPECT(dt < 3.0, "took " << dt << " s");
-  // later buckets fail fast, naming the first cause
-  Job k;
-  k.buffer = at::ones({8});
-  msg = error_of(e.submit(std::move(k)));
+  msg = error_of(e.submit(dense_step(at::ones({8}))));
   EXPECT(msg.find("earlier bucket failed") != std::string::npos, msg);
   EXPECT(e.failure().has_value(), "failure recorded");
   // a peer that dies mid-wait is reported as such
   auto w2 = std::make_shared<ThreadWorld>(2, 10000ms);
   Engine e2(make_pg(w2, 0));
-  Job m;
-  m.buffer = at::ones({8});
-  auto f2 = e2.submit(std::move(m));
+  auto f2 = e2.submit(dense_step(at::ones({8})));
   std::this_thread::sleep_for(100ms);
   const double t1 = Engine::now_s();
   w2->kill(1);
@@ -515,30 +536,76 @@ void test_dead_peer_errors_within_timeout() {
   EXPECT(Engine::now_s() - t1 < 2.0, "dead peer not noticed promptly");
 }
 
-void test_engine_timeout_bounds_wait() {
-  // a backend whose work never finishes on its own: the engine's timeout still fires
-  struct NeverWork : c10d::Work {
-    bool wait(std::chrono::milliseconds t) override {
-      std::this_thread::sleep_for(t.count() ? t : 100000ms);
-      throw std::runtime_error("Work timed out after " + std::to_string(t.count()) + " ms");
-    }
-  };
-  struct Stuck : c10d::Backend {
-    Stuck() : c10d::Backend(0, 2) {}
-    c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>&, const c10d::AllreduceOptions&) override {
-      return c10::make_intrusive<NeverWork>();
-    }
-  };
+void test_mismatched_collectives_named() {
+  // ranks that disagree (here: bucket sizes) get a message saying so
+  auto w = std::make_shared<ThreadWorld>(2, 2000ms);
+  std::vector<std::string> msgs(2);
+  on_ranks(2, [&](int r) {
+    Engine e(make_pg(w, r));
+    msgs[r] = error_of(e.submit(dense_step(at::ones({r == 0 ? 8 : 9}))));
+  });
+  EXPECT(msgs[0].find("issued different collectives") != std::string::npos ||
+             msgs[1].find("issued different collectives") != std::string::npos,
+         msgs[0] << " | " << msgs[1]);
+}
+
+void test_backend_cannot_move_cpu_tensors() {
+  auto w = std::make_shared<ThreadWorld>(1, 1000ms);
+  Engine e(make_pg(w, 0, "nccl"));
+  auto msg = error_of(e.submit(dense_step(at::ones({8}))));
+  EXPECT(msg.find("NCCL cannot communicate cpu tensors") != std::string::npos, "message: " << msg);
+  EXPECT(msg.find("died") == std::string::npos, "not a dead peer: " << msg);
+}
+
+// a backend whose work never finishes on its own
+struct NeverWork : c10d::Work {
+  std::chrono::milliseconds cap;
+  explicit NeverWork(std::chrono::milliseconds cap) : cap(cap) {}
+  bool wait(std::chrono::milliseconds t) override {
+    std::this_thread::sleep_for(t.count() ? t : cap);
+    throw std::runtime_error("Work timed out after " + std::to_string(t.count() ? t.count() : cap.count()) + " ms");
+  }
+};
+struct Stuck : c10d::Backend {
+  std::chrono::milliseconds cap;
+  explicit Stuck(std::chrono::milliseconds cap) : c10d::Backend(0, 2), cap(cap) {}
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>&, const c10d::AllreduceOptions&) override {
+    return c10::make_intrusive<NeverWork>(cap);
+  }
+};
+c10::intrusive_ptr<c10d::ProcessGroup> stuck_pg(std::chrono::milliseconds cap) {
   auto pg = c10::make_intrusive<c10d::ProcessGroup>(0, 2);
-  pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::CUSTOM, c10::make_intrusive<Stuck>());
+  pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::CUSTOM, c10::make_intrusive<Stuck>(cap));
   pg->setDefaultBackend(c10d::ProcessGroup::BackendType::CUSTOM);
-  Engine e(pg, 300ms);
-  Job j;
-  j.buffer = at::ones({4});
+  return pg;
+}
+
+void test_engine_timeout_bounds_wait() {
+  Engine e(stuck_pg(100000ms), 300ms);
   const double t0 = Engine::now_s();
-  auto msg = error_of(e.submit(std::move(j)));
+  auto msg = error_of(e.submit(dense_step(at::ones({4}))));
   EXPECT(msg.find("timed out") != std::string::npos && msg.find("300 ms") != std::string::npos, msg);
   EXPECT(Engine::now_s() - t0 < 2.0, "timeout not respected");
+}
+
+void test_shutdown_abandons_a_stuck_worker() {
+  // exit must not hang on a worker stuck in a collective: shutdown gives up after its grace
+  std::atomic<bool> callback_ran{false};
+  c10::intrusive_ptr<c10::ivalue::Future> f;
+  {
+    Engine e(stuck_pg(1500ms));
+    f = e.submit(dense_step(at::ones({4})));
+    f->addCallback([&](c10::ivalue::Future&) { callback_ran = true; });
+    auto queued = e.submit(dense_step(at::ones({4})));
+    std::this_thread::sleep_for(50ms);
+    const double t0 = Engine::now_s();
+    EXPECT(!e.shutdown(200ms), "shutdown must report the abandoned worker");
+    EXPECT(Engine::now_s() - t0 < 1.0, "shutdown waited " << Engine::now_s() - t0 << " s");
+    EXPECT(!error_of(queued).empty(), "a queued step fails at shutdown");
+    EXPECT(e.shutdown(200ms) == false, "shutdown is idempotent");
+  }  // the engine object is gone; its detached worker keeps the core alive
+  std::this_thread::sleep_for(1700ms);  // the stuck collective returns now
+  EXPECT(!f->completed() && !callback_ran, "an abandoned worker must never complete a future");
 }
 
 void test_shutdown_fails_pending() {
@@ -546,31 +613,24 @@ void test_shutdown_fails_pending() {
   std::vector<c10::intrusive_ptr<c10::ivalue::Future>> fs;
   {
     Engine e(make_pg(w, 0));
-    for (int i = 0; i < 3; ++i) {
-      Job j;
-      j.buffer = at::ones({4});
-      fs.push_back(e.submit(std::move(j)));
-    }
+    for (int i = 0; i < 3; ++i) fs.push_back(e.submit(dense_step(at::ones({4}))));
   }  // destructor: the running one times out, the queued ones fail; nothing hangs
-  for (auto& f : fs) EXPECT(!error_of(f).empty(), "pending job must fail at shutdown");
+  for (auto& f : fs) EXPECT(!error_of(f).empty(), "pending step must fail at shutdown");
 }
 
 void test_shutdown_releases_group() {
-  // a stopped engine must not keep the group (and its backend threads) alive
   auto w = std::make_shared<ThreadWorld>(1, 2000ms);
   auto pg = make_pg(w, 0);
-  Engine e(pg);
-  Job j;
-  j.buffer = at::ones({4});
-  EXPECT(error_of(e.submit(std::move(j))).empty(), "a job on a 1-rank group must succeed");
-  e.drain();
-  EXPECT(pg.use_count() == 2, "the engine holds the group while running");
-  e.shutdown();
-  EXPECT(pg.use_count() == 1, "shutdown must release the group");
-  EXPECT(e.world_size() == 1, "world size stays known after shutdown");
-  Job late;
-  late.buffer = at::ones({4});
-  EXPECT(!error_of(e.submit(std::move(late))).empty(), "submit after shutdown must fail");
+  for (bool inline_mode : {false, true}) {
+    Engine e(pg, 0ms, inline_mode);
+    EXPECT(error_of(e.submit(dense_step(at::ones({4})))).empty(), "a step on a 1-rank group must succeed");
+    e.drain();
+    EXPECT(pg.use_count() == 2, "the engine holds the group while running");
+    EXPECT(e.shutdown(), "clean shutdown");
+    EXPECT(pg.use_count() == 1, "shutdown must release the group");
+    EXPECT(e.world_size() == 1, "world size stays known after shutdown");
+    EXPECT(!error_of(e.submit(dense_step(at::ones({4})))).empty(), "submit after shutdown must fail");
+  }
 }
 
 int main() {
@@ -579,18 +639,23 @@ int main() {
     const char* name;
     std::function<void()> fn;
   } tests[] = {
-      {"dense_mean", test_dense_mean},
-      {"compressed_paper_matches_reference", [] { test_compressed_matches_reference(0, true); }},
-      {"compressed_sketch_matches_reference", [] { test_compressed_matches_reference(3, true); }},
-      {"compressed_no_error_feedback", [] { test_compressed_matches_reference(0, false); }},
+      {"dense_mean", [] { test_dense_mean(false); }},
+      {"dense_mean_inline", [] { test_dense_mean(true); }},
+      {"dense_wire", test_dense_wire},
+      {"greedy_compressed_paper_matches_reference", [] { test_greedy_compressed_matches_reference(0); }},
+      {"greedy_compressed_sketch_matches_reference", [] { test_greedy_compressed_matches_reference(3); }},
       {"nonfinite_step_is_poisoned", test_nonfinite_step_is_poisoned},
+      {"lore_step", test_lore_step},
       {"refresh_matches_reference", [] { test_refresh(false); }},
       {"refresh_repairs_a_differing_basis", [] { test_refresh(true); }},
       {"given_selection", test_given_selection},
       {"async_and_ordered", test_async_and_ordered},
       {"bad_tensor_errors_future", test_bad_tensor_errors_future},
       {"dead_peer_errors_within_timeout", test_dead_peer_errors_within_timeout},
+      {"mismatched_collectives_named", test_mismatched_collectives_named},
+      {"backend_cannot_move_cpu_tensors", test_backend_cannot_move_cpu_tensors},
       {"engine_timeout_bounds_wait", test_engine_timeout_bounds_wait},
+      {"shutdown_abandons_a_stuck_worker", test_shutdown_abandons_a_stuck_worker},
       {"shutdown_fails_pending", test_shutdown_fails_pending},
       {"shutdown_releases_group", test_shutdown_releases_group},
   };

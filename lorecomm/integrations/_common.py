@@ -8,18 +8,22 @@ import torch.distributed as dist
 
 
 def make_state(state, config: dict, process_group, default_dense_patterns: Sequence[str] | None = None):
-    """``state`` as given, or a GreedyLoreState built from ``config`` on ``process_group``."""
-    from lorecomm import GreedyLoreState
+    """``state`` as given, or the state of ``config["compressor"]`` (default "lore",
+    see ``lorecomm.COMPRESSORS``) built from the other keywords on ``process_group``."""
+    from lorecomm import COMPRESSORS
 
     if state is not None:
         if config:
             raise ValueError(f"pass either a state or config keywords, not both (got {sorted(config)})")
         return state
     config = dict(config)
+    name = config.pop("compressor", "lore")
+    if name not in COMPRESSORS:
+        raise ValueError(f"compressor must be one of {', '.join(map(repr, COMPRESSORS))}; got {name!r}")
     config.setdefault("process_group", process_group)
-    if default_dense_patterns is not None:
+    if default_dense_patterns is not None and name != "dense":
         config.setdefault("dense_name_patterns", tuple(default_dense_patterns))
-    return GreedyLoreState(**config)
+    return COMPRESSORS[name](**config)
 
 
 def check_group(state, group, where: str) -> None:

@@ -44,7 +44,7 @@ def lore_strategy_class(ddp_strategy_cls):
             import lorecomm
 
             if ddp_comm_state is None:
-                ddp_comm_state = lorecomm.GreedyLoreState()
+                ddp_comm_state = lorecomm.LoreState()
             if ddp_comm_hook is None:
                 ddp_comm_hook = lorecomm.hook_for(ddp_comm_state)
             super().__init__(*args, ddp_comm_state=ddp_comm_state, ddp_comm_hook=ddp_comm_hook, **kwargs)

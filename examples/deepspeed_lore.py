@@ -1,7 +1,7 @@
-"""GreedyLore in a DeepSpeed engine (ZeRO stage 0, fp32).  Run (CPU or GPU):
+"""Lore (lorecomm's default compressor) in a DeepSpeed engine (ZeRO stage 0, fp32).  Run (CPU or GPU):
 
-    torchrun --nproc_per_node=2 examples/deepspeed_greedylore.py
-    # or: deepspeed --num_gpus 2 examples/deepspeed_greedylore.py
+    torchrun --nproc_per_node=2 examples/deepspeed_lore.py
+    # or: deepspeed --num_gpus 2 examples/deepspeed_lore.py
 """
 import argparse
 
@@ -9,7 +9,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-import lorecomm.engine
+import lorecomm
 from lorecomm.integrations import deepspeed as lore_deepspeed
 
 
@@ -29,7 +29,7 @@ def main():
     ds_config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 2,
                  "gradient_clipping": 1.0, "steps_per_print": 10 ** 9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    state = lore_deepspeed.register(engine, rank=8, start_step=5, update_interval=10)  # <- the lorecomm line
+    state = lore_deepspeed.register(engine, rank=8, start_step=5)  # <- the lorecomm line
 
     w_true = torch.randn(64, 64, generator=torch.Generator().manual_seed(1)).to(engine.device)
     g = torch.Generator().manual_seed(100 + dist.get_rank())
@@ -40,9 +40,11 @@ def main():
         engine.step()  # clips the averaged gradient, then steps
         if dist.get_rank() == 0 and step % 20 == 0:
             print(f"micro-step {step} loss {loss.item():.4f}")
+    same = lorecomm.replicas_identical(engine.module)  # a collective: every rank checks
     if dist.get_rank() == 0:
         st = state.stats()
         print({k: st[k] for k in ("steps", "calls", "compression_ratio", "steps_by_phase")})
+        print(f"replicas identical: {same}")
     # stop lorecomm's engine before the process group goes: no Gloo threads left at interpreter exit
     lorecomm.engine.shutdown_all()
     dist.destroy_process_group()

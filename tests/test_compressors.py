@@ -1,11 +1,11 @@
-"""GreedyLore and the baselines on real Gloo ranks, held against the float64 simulation."""
+"""Lore, GreedyLore and the baselines on real Gloo ranks, held against the float64 simulation."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import lorecomm
-from lorecomm.simulate import SimulatedGreedyLore, SimulatedRandomLinear
+from lorecomm.simulate import SimulatedGreedyLore, SimulatedLore, SimulatedRandomLinear
 
 from distributed import run_ranks
 
@@ -31,8 +31,12 @@ def structured_grads(step: int, rank: int, params=PARAMS) -> list[torch.Tensor]:
     return out
 
 
+_STATES = {"greedy": lorecomm.GreedyLoreState, "random": lorecomm.RandomLinearState, "lore": lorecomm.LoreState}
+_SIMS = {"greedy": SimulatedGreedyLore, "random": SimulatedRandomLinear, "lore": SimulatedLore}
+
+
 def _make_state(kind: str, cfg: dict):
-    return lorecomm.GreedyLoreState(**cfg) if kind == "greedy" else lorecomm.RandomLinearState(**cfg)
+    return _STATES[kind](**cfg)
 
 
 def _run_configs(rank, world, configs, steps, params):
@@ -44,17 +48,14 @@ def _run_configs(rank, world, configs, steps, params):
         outs = []
         for t in range(1, steps + 1):
             buf = torch.cat([g.float().reshape(-1) for g in structured_grads(t, rank, params)])
-            # the hook's own entry point: GreedyLore runs on the C++ engine when it is built
-            # (tests/test_engine.py holds the engine and the Python path to the same bits)
-            state.reduce_async(buf, ps).wait()
+            state.reduce_async(buf, ps).wait()  # the hook's own entry point, on the engine
             outs.append(buf.clone())
         results.append((outs, state.stats()))
     return results
 
 
 def _simulate(kind, cfg, world, steps, params):
-    sim_cls = SimulatedGreedyLore if kind == "greedy" else SimulatedRandomLinear
-    sim = sim_cls(world, params, **cfg)
+    sim = _SIMS[kind](world, params, **cfg)
     return [torch.cat([o.reshape(-1) for o in sim.step([structured_grads(t, i, params) for i in range(world)])])
             for t in range(1, steps + 1)]
 
@@ -72,7 +73,17 @@ CONFIGS = [
     ("random", dict(kind="gaussian", rank=2, start_step=1, min_compression_rate=1.5, error_feedback=True)),
     ("random", dict(kind="randk", rank=2, start_step=1, min_compression_rate=1.5)),
     ("random", dict(kind="randk", rank=2, start_step=1, min_compression_rate=1.5, error_feedback=True)),
+    # Lore: the exact wire, with and without the random directions; rank 1 (never explores);
+    # the bf16 wire (equal up to where a bf16 rounding flips, see TOLERANCE)
+    ("lore", dict(rank=2, start_step=2, min_compression_rate=1.5, wire=torch.float32, explore=0.0)),
+    ("lore", dict(rank=3, start_step=2, min_compression_rate=1.2, wire=torch.float32, explore=1.0)),
+    ("lore", dict(rank=1, start_step=2, min_compression_rate=1.5, wire=torch.float32, explore=1.0)),
+    ("lore", dict(rank=2, start_step=2, min_compression_rate=1.5, explore=0.5)),
 ]
+# relative error vs the float64 simulation; a bf16 wire rounds float32 (runtime) and float64
+# (simulation) values, which land on different bf16 neighbours where they straddle a rounding
+# boundary, and with 4 ranks Gloo's ring adds in bf16 hop by hop (the simulation rounds the sum once)
+TOLERANCE = {(torch.bfloat16, 2): 3e-2, (torch.bfloat16, 4): 8e-2}
 STEPS = 9  # warm-up 2, refreshes at 3, 6, 9, compressed steps between
 
 
@@ -89,7 +100,8 @@ def test_runtime_matches_float64_simulation(world):
                 assert torch.equal(got[0], got[r]), f"{kind} {cfg}: ranks 0 and {r} differ at step {t + 1}"
             scale = ref[t].abs().max()
             err = (got[0].double() - ref[t]).abs().max() / scale
-            assert err < 1e-4, f"{kind} {cfg} step {t + 1}: relative error {err:.2e} vs simulation"
+            tol = TOLERANCE.get((cfg.get("wire", torch.bfloat16) if kind == "lore" else None, world), 1e-4)
+            assert err < tol, f"{kind} {cfg} step {t + 1}: relative error {err:.2e} vs simulation"
 
 
 def _full_rank(rank, world):
@@ -159,7 +171,8 @@ def test_greedy_beats_random_error_feedback_matters_fixed_stalls():
     L0 = 0.5 * float((_target() ** 2).sum())
     at = {k: v[49] / L0 for k, v in curves.items()}
     assert at["greedy"] < 0.02 and at["greedy"] < 2.5 * at["dense"], at
-    assert at["greedy"] < 0.1 * at["random"], at
+    # (the random ablation's draws come from the shared Philox probes, derived on device)
+    assert at["greedy"] < 0.125 * at["random"], at
     assert at["greedy"] < 0.25 * at["no_ef"], at
     # Proposition 1: a fixed rank-r projector stalls -- no progress between steps 30 and 50
     fixed = curves["fixed"]

@@ -1,6 +1,7 @@
-"""GreedyLore in PyTorch Lightning.  Run (Lightning starts the 2 CPU processes itself):
+"""Lore (lorecomm's default compressor) in PyTorch Lightning.  Run (Lightning starts the 2 CPU
+processes itself):
 
-    python examples/lightning_greedylore.py
+    python examples/lightning_lore.py
 """
 import lightning.pytorch as pl
 import torch
@@ -29,14 +30,17 @@ def main():
     x = torch.randn(2048, 64)
     y = x @ torch.randn(64, 64)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
-    state = lorecomm.GreedyLoreState(rank=8, start_step=5, update_interval=10)
+    state = lorecomm.LoreState(rank=8, start_step=5)
     strategy = LoreDDPStrategy(ddp_comm_state=state)  # <- the lorecomm line
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=30, logger=False,
                          enable_checkpointing=False)
-    trainer.fit(Regression(), loader)
+    module = Regression()
+    trainer.fit(module, loader)
+    same = lorecomm.replicas_identical(module)  # a collective: every rank checks
     if trainer.global_rank == 0:
         st = state.stats()
         print({k: st[k] for k in ("steps", "calls", "compression_ratio", "steps_by_phase")})
+        print(f"replicas identical: {same}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""GreedyLore with Hugging Face Accelerate.  Run (CPU or GPU):
+"""Lore (lorecomm's default compressor) with Hugging Face Accelerate.  Run (CPU or GPU):
 
-    accelerate launch --num_processes 2 [--cpu] examples/accelerate_greedylore.py
-    # or: torchrun --nproc_per_node=2 examples/accelerate_greedylore.py
+    accelerate launch --num_processes 2 [--cpu] examples/accelerate_lore.py
+    # or: torchrun --nproc_per_node=2 examples/accelerate_lore.py
 """
 import torch
 from accelerate import Accelerator
 
-import lorecomm.engine
+import lorecomm
 from lorecomm.integrations import accelerate as lore_accelerate
 
 
@@ -21,7 +21,7 @@ def main():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # NOT DistributedDataParallelKwargs(comm_hook=...): Accelerate ignores callables there
-    state = lore_accelerate.register(accelerator, model, rank=8, start_step=5, update_interval=10)  # <- lorecomm
+    state = lore_accelerate.register(accelerator, model, rank=8, start_step=5)  # <- lorecomm
 
     for i, (xb, yb) in enumerate(loader):
         with accelerator.accumulate(model):
@@ -33,9 +33,11 @@ def main():
             print(f"batch {i} loss {loss.item():.4f}")
         if i >= 59:
             break
+    same = lorecomm.replicas_identical(model)  # a collective: every rank checks
     if accelerator.is_main_process and state is not None:
         st = state.stats()
         print({k: st[k] for k in ("steps", "calls", "compression_ratio", "steps_by_phase")})
+        print(f"replicas identical: {same}")
     # stop lorecomm's engine before the process group goes: no Gloo threads left at interpreter exit
     lorecomm.engine.shutdown_all()
     accelerator.end_training()

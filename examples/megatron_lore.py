@@ -1,6 +1,8 @@
-"""GreedyLore in megatron-core DDP.  Run (CPU or GPU):
+"""Lore (lorecomm's default compressor) in megatron-core DDP.  Run (CPU or GPU):
 
-    torchrun --nproc_per_node=2 examples/megatron_greedylore.py [--overlap]
+    torchrun --nproc_per_node=2 examples/megatron_lore.py [--overlap]
+
+(``compressor="greedylore", update_interval=...`` in the register line runs the paper's GreedyLore.)
 """
 import argparse
 import os
@@ -11,7 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer import TransformerConfig
 
-import lorecomm.engine
+import lorecomm
 from lorecomm.integrations import megatron as lore_megatron
 
 
@@ -33,7 +35,7 @@ def main():
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).to(device)
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=1, use_cpu_initialization=not cuda)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(overlap_grad_reduce=args.overlap), model)
-    state = lore_megatron.register(ddp, rank=8, start_step=5, update_interval=10)  # <- the lorecomm line
+    state = lore_megatron.register(ddp, rank=8, start_step=5)  # <- the lorecomm line
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     w_true = torch.randn(64, 64, device=device, generator=torch.Generator(device).manual_seed(1))
@@ -49,9 +51,11 @@ def main():
         opt.step()
         if dist.get_rank() == 0 and step % 10 == 0:
             print(f"step {step} loss {loss.item():.4f}")
+    same = lorecomm.replicas_identical(model)  # a collective: every rank checks
     if dist.get_rank() == 0:
         st = state.stats()
         print({k: st[k] for k in ("steps", "calls", "compression_ratio", "steps_by_phase")})
+        print(f"replicas identical: {same}")
     # stop lorecomm's engine before the process group goes: no Gloo threads left at interpreter exit
     lorecomm.engine.shutdown_all()
     parallel_state.destroy_model_parallel()

@@ -1,0 +1,194 @@
+"""Lore: lorecomm's default compressor.
+
+A warm-started range tracker (PowerSGD's power step) with error feedback,
+low-precision factors whose rounding error stays in the error buffer, and k
+fresh random directions per matrix per step that make it a contraction for
+every gradient (ALGORITHM.md, "Lore"). Two collectives per bucket (the
+sketch, then the factors with the dense leftovers), no SVD, no refresh, and
+state of the size of the gradient plus r x b per matrix.
+
+The state holds the configuration and the per-matrix state (error buffer E,
+warm start Q); the steps run on the engine (csrc/steps/lore.cpp);
+``lorecomm.simulate.SimulatedLore`` is the float64 reference.
+"""
+
+import numbers
+
+import torch
+
+from .plan import DEFAULT_DENSE_PATTERNS, Batch, BucketPlan, lore_rank, matrix_shape
+from .probes import coin
+from .state import CommState, check_int, check_positive
+
+_WIRES = (torch.bfloat16, torch.float16, torch.float32)
+_WARM_STREAM = 4
+_EXPLORE_COIN = 5
+
+
+class LoreState(CommState):
+    """State of the Lore DDP communication hook (one per model).
+
+    Args:
+        process_group: the ranks to average over (None: the default group).
+        rank: r, directions sent per matrix (capped at min(m, n); default 32); or
+        compression: a target ratio (dense fp32 bytes / bytes sent per step
+            after warm-up, everything counted) that sets every matrix's rank
+            instead; give at most one of the two.
+        explore: probability p that a step makes one of each matrix's r
+            directions a fresh random one (a coin every rank flips alike): the
+            compressor then contracts every gradient, whatever the tracked
+            subspace, by delta = p / (a - r + 1) in expectation (0: no random
+            directions, no guarantee). The default costs ~1/8 of one direction.
+        wire: dtype of the sketch, factors and dense leftovers on the wire
+            (bf16 default: twice the rank of fp32 at the same bytes).
+        start_step: dense (fp32) warm-up steps; the last one seeds the tracker.
+        min_compression_rate: compress an m x n matrix only if
+            (m + n) r * rate < m n (torch's PowerSGD rule).
+        seed: seeds the random draws (same on every rank).
+        dense_name_patterns, dense_embeddings, grad_scaler: as ``CommState``.
+    """
+
+    PHASES = ("dense", "compressed")
+
+    def __init__(self, process_group=None, rank: int | None = None, compression: float | None = None,
+                 explore: float = 0.125, wire: torch.dtype = torch.bfloat16, start_step: int = 1000,
+                 min_compression_rate: float = 2.0, seed: int = 0, dense_name_patterns=DEFAULT_DENSE_PATTERNS,
+                 dense_embeddings: bool = True, grad_scaler=None):
+        super().__init__(process_group, dense_name_patterns, dense_embeddings, grad_scaler)
+        if rank is not None and compression is not None:
+            raise ValueError("give either rank=r (directions per matrix) or compression=c (a byte budget: dense "
+                             "bytes / bytes sent), not both")
+        if rank is None and compression is None:
+            rank = 32
+        self.rank = None if rank is None else check_int("rank", rank, 1)
+        self.compression = None if compression is None else check_positive("compression", compression)
+        if self.compression is not None and self.compression <= 1:
+            raise ValueError(f"compression must be > 1 (dense bytes / bytes sent), got {compression!r}")
+        if isinstance(explore, bool) or not isinstance(explore, numbers.Real) or not 0 <= explore <= 1:
+            raise ValueError(f"explore must be a probability in [0, 1], got {explore!r}")
+        self.explore = float(explore)
+        if wire not in _WIRES:
+            raise ValueError(f"wire must be one of torch.bfloat16, torch.float16, torch.float32; got {wire!r}")
+        self.wire = wire
+        self.start_step = check_int("start_step", start_step, 0)
+        self.min_compression_rate = check_positive("min_compression_rate", min_compression_rate)
+        self.seed = check_int("seed", seed, 0)
+        self._budget_ranks: dict[str, int | None] = {}
+
+    def config(self) -> dict:
+        return {**super().config(), "rank": self.rank, "compression": self.compression, "explore": self.explore,
+                "wire": str(self.wire), "start_step": self.start_step,
+                "min_compression_rate": self.min_compression_rate, "seed": self.seed}
+
+    # ------------------------------------------------------------- planning
+    def bind(self, model) -> "LoreState":
+        super().bind(model)
+        if self.compression is not None:
+            self._budget_ranks = self._ranks_for_budget()
+        return self
+
+    def _ranks_for_budget(self) -> dict[str, int | None]:
+        """Per-matrix ranks for ``compression``: the largest common compression
+        factor s (each a x b matrix gets r = a b / (s (a + b)) directions) whose
+        bytes after warm-up (sketch, factors, dense leftovers on the wire) fit
+        the budget; a function of the shapes alone, so every rank agrees."""
+        wb = torch.tensor([], dtype=self.wire).element_size()
+        named = {name: tuple(p.shape) for p, (pid, name) in self._param_items()}
+        dense_names = {name for p, (pid, name) in self._param_items()
+                       if id(p) in self._dense_params or self._is_dense_name(name)}
+        total = sum(torch.Size(s).numel() for s in named.values())
+        budget = 4 * total / self.compression
+
+        def ranks_at(s: float) -> dict[str, int | None]:
+            out = {}
+            for name, shape in named.items():
+                mn = matrix_shape(shape)
+                if mn is None or name in dense_names:
+                    out[name] = None
+                    continue
+                a, b = min(mn), max(mn)
+                want = max(1, int(a * b / (s * (a + b))))
+                out[name] = lore_rank(mn[0], mn[1], want, self.min_compression_rate)
+            return out
+
+        def cost(ranks) -> float:
+            sent = 0
+            for name, shape in named.items():
+                r = ranks[name]
+                if r is None:
+                    sent += wb * torch.Size(shape).numel()
+                else:
+                    m, n = matrix_shape(shape)
+                    a, b = min(m, n), max(m, n)
+                    sent += wb * (a + b) * r
+            return sent
+
+        lo, hi = 1.0, 1e6  # compression factor per matrix: cost decreases as s grows
+        if cost(ranks_at(hi)) > budget:
+            raise ValueError(
+                f"compression={self.compression:g} cannot be reached on this model: even at rank 1 per "
+                f"matrix it sends {cost(ranks_at(hi)):.0f} bytes per step against a budget of "
+                f"{budget:.0f} (dense leftovers alone: {sum(wb * torch.Size(named[n]).numel() for n in dense_names):.0f});"
+                f" ask for less compression or compress more matrices (dense_name_patterns, dense_embeddings)")
+        for _ in range(60):
+            mid = (lo * hi) ** 0.5
+            if cost(ranks_at(mid)) > budget:
+                lo = mid
+            else:
+                hi = mid
+        return ranks_at(hi)
+
+    def _param_items(self):
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            raise RuntimeError("compression= needs the state bound to a model (lorecomm.register or state.bind)")
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        module = model.module if isinstance(model, DDP) else model
+        return [(p, self._params[id(p)]) for p in module.parameters()]
+
+    def _rank_for(self, m: int, n: int, name: str) -> int | None:
+        if self.compression is not None:
+            return self._budget_ranks.get(name)
+        return lore_rank(m, n, self.rank, self.min_compression_rate)
+
+    def _batch_tensor_specs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        from . import ops
+
+        B, a, b, r = batch.size, batch.a, batch.b, batch.rank
+        # the first warm start before any gradient was seen: a shared Gaussian Q
+        keys = torch.ops.lorecomm.probe_keys(torch.tensor(batch.param_ids), self.seed, 0, _WARM_STREAM)
+        return {"E": torch.zeros(B, a, b), "Q": ops.probe_normal(keys, r, b)}
+
+    def _shared_state(self) -> list[torch.Tensor]:
+        return [b.tensors["Q"] for p in self._plans.values() for b in p.batches]
+
+    # --------------------------------------------------------------- phases
+    def phase(self, t: int) -> str:
+        return "dense" if t <= self.start_step else "compressed"
+
+    def _step_for(self, phase: str, plan: BucketPlan, buffer: torch.Tensor, t: int):
+        from . import _C
+
+        batches = [_C.Batch(b.view(buffer), b.tensors["E"], b.ids, b.rank, Q=b.tensors["Q"]) for b in plan.batches]
+        if phase == "dense":
+            if t == self.start_step and batches:
+                return _C.LoreWarmupStep(buffer=buffer, batches=batches, seed=self.seed, step=t)
+            return _C.DenseStep(buffer)
+        if not batches:
+            return _C.DenseStep(buffer, wire=self.wire)
+        explore = 1 if coin(self.seed, t, _EXPLORE_COIN, self.explore) else 0
+        return _C.LoreStep(buffer=buffer, batches=batches, dense_ranges=list(plan.dense_ranges), wire=self.wire,
+                           explore=explore, seed=self.seed, step=t)
+
+    def ranks(self) -> dict[str, int]:
+        """The rank of every compressed matrix (by parameter name), as planned so far."""
+        return {s.name: b.rank for p in self._plans.values() for b in p.batches for s in b.slots}
+
+
+def lore_hook(state: LoreState, bucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: ``ddp_model.register_comm_hook(state, lore_hook)``."""
+    if not isinstance(state, LoreState):
+        raise TypeError(f"lore_hook needs a lorecomm.LoreState, got {type(state).__name__}")
+    return state._hook(bucket)
+
