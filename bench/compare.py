@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""lorecomm's main job: dense all-reduce vs torch PowerSGD vs GreedyLore on a small LM.
+"""lorecomm's main job: dense all-reduce vs torch PowerSGD vs Lore vs GreedyLore on a small LM.
 
 Two (``--world-size``) local Gloo ranks (torch.multiprocessing, 127.0.0.1) train a small
 LLaMA-architecture causal LM (``transformers`` LlamaForCausalLM built from a config, random
@@ -13,7 +13,10 @@ optimizer (AdamW, warm-up + cosine schedule, clip 1.0):
   start on. It launches a collective from a Future callback, which on Gloo aborts with two or
   more buckets, so DDP is built with ``bucket_cap_mb`` above the model size: ONE bucket (all
   methods use the same single bucket). Its bytes are counted by mirroring torch's rule;
-- ``greedylore``: ``lorecomm.register(ddp, rank=..., start_step=..., update_interval=...)``.
+- ``lore``: ``lorecomm.register(ddp, rank=2 x --rank, start_step=...)``, lorecomm's default
+  compressor: bf16 factors at twice PowerSGD's rank send PowerSGD's bytes;
+- ``greedylore``: ``lorecomm.register(ddp, compressor="greedylore", rank=..., start_step=...,
+  update_interval=...)``, the paper's algorithm.
 
 Scaled to the short run: compression (PowerSGD and GreedyLore alike) starts after
 ``--start-step`` dense steps (default 20% of ``--steps``; the paper uses 1000 of its LLaMA run)
@@ -33,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-MAIN_METHODS = ("dense", "powersgd", "greedylore")
+MAIN_METHODS = ("dense", "powersgd", "lore", "greedylore")
 
 
 def build_parser():
@@ -43,12 +46,13 @@ def build_parser():
                                 epilog="methods available: " + ", ".join(ALL_METHODS))
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per method (default 150)")
     p.add_argument("--methods", default=",".join(MAIN_METHODS),
-                   help="comma-separated methods (default dense,powersgd,greedylore)")
+                   help="comma-separated methods (default dense,powersgd,lore,greedylore)")
     p.add_argument("--world-size", type=int, default=2, help="local Gloo ranks (default 2)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "compare"),
                    help="output prefix: writes OUT.png (plot) and OUT.json (all numbers); "
                         "default bench/results/compare")
-    p.add_argument("--rank", type=int, default=8, help="compression rank r (default 8)")
+    p.add_argument("--rank", type=int, default=8, help="PowerSGD / GreedyLore rank r (default 8)")
+    p.add_argument("--lore-rank", type=int, default=None, help="Lore's rank (default 2 r: PowerSGD's bytes)")
     p.add_argument("--start-step", type=int, default=None, help="dense warm-up steps (default steps/5)")
     p.add_argument("--update-interval", type=int, default=None, help="GreedyLore tau (default steps/4)")
     p.add_argument("--optimizer", choices=("adamw", "sgdm"), default="adamw")
@@ -72,10 +76,12 @@ def main(argv=None):
     spec = {"task": "lm", "preset": args.preset, "seq": args.seq, "batch": args.batch, "seed": args.seed,
             "desc": "compare"}
     base = dict(opt=args.optimizer, lr=lr, steps=args.steps, eval_every=max(1, args.steps // 5),
-                rank=args.rank, start_step=start, update_interval=tau, seed=args.seed, clip=1.0)
+                rank=args.rank, lore_rank=args.lore_rank, start_step=start, update_interval=tau, seed=args.seed,
+                clip=1.0)
     runs = [dict(base, method=m, label=m) for m in methods]
     print(f"lorecomm compare: {len(runs)} methods x {args.steps} steps on {args.world_size} Gloo ranks; "
-          f"rank {args.rank}, compression from step {start + 1}, GreedyLore tau {tau}", flush=True)
+          f"rank {args.rank} (Lore {args.lore_rank or 2 * args.rank}), compression from step {start + 1}, "
+          f"GreedyLore tau {tau}", flush=True)
     t0 = time.time()
     res = run_ddp(spec, runs, args.world_size, args.out + ".json", progress=not args.no_progress)
     wall = time.time() - t0

@@ -474,3 +474,134 @@ def _plain_register_comm_hook(rank, world, kind):
 def test_plain_register_comm_hook_finds_its_model(kind):
     stats = run_ranks(_plain_register_comm_hook, 2, kind)[0]
     assert stats["steps"] == 4 and stats["compressed_matrices"] == 3
+
+
+# --- AMP loss scaling, fp16 overflow ---------------------------------------------------------
+def _loss_scaled(rank, world, kind):
+    """The same gradients, once plain and once multiplied by a GradScaler's changing scale: the
+    scaled run's outputs are the plain ones times the scale, and its error buffers stay equal
+    (unscaled units), across scale changes."""
+    shapes = [("w", (16, 24)), ("b", (16,))]
+    ps, plain, scaled = _two_states(kind, shapes, update_interval=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale(torch.ones(()))  # creates the scale tensor, as the first scaled backward does
+    scaled.grad_scaler = scaler
+    g = torch.Generator().manual_seed(rank)
+    same = []
+    for t, scale in enumerate([2.0 ** 10, 2.0 ** 10, 2.0 ** 9, 2.0 ** 12, 2.0 ** 12, 2.0 ** 3], start=1):
+        scaler._scale.fill_(scale)
+        grad = torch.randn(16 * 24 + 16, generator=g)
+        a, b = grad.clone(), grad * scale
+        plain.reduce(a, ps)
+        scaled.reduce(b, ps)
+        ea, eb = plain._param_tensors()["w"]["E"], scaled._param_tensors()["w"]["E"]
+        same.append(bool(torch.allclose(b / scale, a, rtol=1e-5, atol=1e-6)) and bool(torch.allclose(ea, eb, atol=1e-6)))
+    return same
+
+
+@pytest.mark.parametrize("kind", COMPRESSORS)
+def test_error_buffers_stay_in_unscaled_units_across_loss_scale_changes(kind):
+    for same in run_ranks(_loss_scaled, 2, kind):
+        assert all(same), same
+
+
+def _fp16_overflow(rank, world, kind):
+    """An fp16 bucket whose decompressed values overflow counts as non-finite and leaves E untouched."""
+    ps, state, _ = _two_states(kind, [("w", (8, 12))], rank=8, start_step=0, update_interval=100,
+                               min_compression_rate=0.3)
+    if kind == "greedy":
+        state.start_step = 1
+    buf = (0.01 * torch.randn(8 * 12, generator=torch.Generator().manual_seed(rank))).half()
+    state.reduce(buf.clone(), ps)  # places the state
+    E = state._param_tensors()["w"]["E"]
+    E[0, 0] = 70000.0  # H = G + E beyond fp16's range at one element: the output overflows
+    before = E.clone()
+    out = buf.clone()
+    state.reduce(out, ps)
+    return bool(torch.isfinite(out).all()), torch.equal(state._param_tensors()["w"]["E"], before), \
+        state.stats()["nonfinite_steps"]
+
+
+@pytest.mark.parametrize("kind", COMPRESSORS)
+def test_fp16_bucket_that_overflows_is_non_finite_and_keeps_E(kind):
+    for finite, e_kept, skipped in run_ranks(_fp16_overflow, 2, kind):
+        assert not finite and e_kept and skipped == 1, (finite, e_kept, skipped)
+
+
+# --- dense embeddings by module type; CUDA buckets on a CPU build ---------------------------------
+class TokenModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = torch.nn.Embedding(40, 16)        # no dense name pattern matches "tok"
+        self.mix = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 40, bias=False)  # an untied head: the embedding's shape
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.mix(self.tok(ids))))
+
+
+def test_embeddings_and_heads_are_found_by_module_type():
+    from lorecomm.state import embedding_parameters
+
+    m = TokenModel()
+    found = embedding_parameters(m)
+    assert found == {id(m.tok.weight), id(m.out.weight)}
+    tied = TokenModel()
+    tied.out.weight = tied.tok.weight
+    assert embedding_parameters(tied) == {id(tied.tok.weight)}
+
+
+def _embedding_dense(rank, world):
+    torch.manual_seed(0)
+    ddp = DDP(TokenModel())
+    state = lorecomm.register(ddp, compressor="greedylore", rank=2, start_step=1, update_interval=5,
+                              min_compression_rate=1.0)
+    for _ in range(3):
+        ddp(torch.randint(0, 40, (4, 5))).sum().backward()
+    names = {s.name for p in state._plans.values() for s in p.matrices}
+    off = lorecomm.register(DDP(TokenModel()), rank=2, start_step=1, min_compression_rate=1.0,
+                            dense_embeddings=False, dense_name_patterns=())
+    return names, off.config()["dense_embeddings"]
+
+
+def test_the_default_filter_keeps_embeddings_dense():
+    names, flag = run_ranks(_embedding_dense, 2)[0]
+    assert names == {"mix.weight"}, names
+    assert flag is False
+
+
+def test_a_cuda_bucket_on_a_cpu_build_is_refused_when_planned():
+    import types
+
+    from lorecomm import _C
+
+    state = lorecomm.LoreState(rank=2)
+    fake = types.SimpleNamespace(device=torch.device("cuda", 0))
+    if not _C.ENGINE_CUDA:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            state._check_device(fake)
+
+
+# --- a byte budget instead of a rank -----------------------------------------------------------
+def _budget(rank, world, compression):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 96),
+                                torch.nn.ReLU(), torch.nn.Linear(96, 32), torch.nn.Linear(32, 200))
+    ddp = DDP(model, bucket_cap_mb=0.02)
+    state = lorecomm.register(ddp, compression=compression, start_step=2, min_compression_rate=1.0)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(6):
+        ddp(torch.randn(8, 64, generator=g)).square().mean().backward()
+    st = state.stats()
+    dense_per_step = sum(p.numel() for p in model.parameters()) * 4
+    sent_per_step = st["bytes_by_phase"]["compressed"] / st["steps_by_phase"]["compressed"]
+    return dense_per_step / sent_per_step, state.ranks()
+
+
+@pytest.mark.parametrize("compression", [4, 12])
+def test_a_byte_budget_sets_consistent_ranks(compression):
+    (c0, ranks0), (c1, ranks1) = run_ranks(_budget, 2, compression)
+    assert ranks0 == ranks1 and len(ranks0) == 4, ranks0
+    # every byte after warm-up counted (sketch, factors, dense leftovers): at least the asked compression,
+    # and close to it (ranks are integers)
+    assert compression <= c0 <= 1.6 * compression, (c0, ranks0)
