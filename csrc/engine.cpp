@@ -174,6 +174,17 @@ void Comm::all_reduce_max(const at::Tensor& t, const char* what) { issue("all_re
 
 void Comm::broadcast(const at::Tensor& t, const char* what) { issue("broadcast", t, what); }
 
+double Step::elapsed_seconds() const {
+#ifdef LORECOMM_WITH_CUDA
+  if (device_timing) {
+    auto& ev = *std::static_pointer_cast<std::pair<at::cuda::CUDAEvent, at::cuda::CUDAEvent>>(device_timing);
+    ev.second.synchronize();
+    return ev.first.elapsed_time(ev.second) / 1000.0;
+  }
+#endif
+  return host_seconds;
+}
+
 // ----------------------------------------------------------------- running
 namespace {
 
@@ -242,6 +253,15 @@ void run_item(Core& core, Item& it) {
       }
 #endif
       Comm comm(core, step.label);
+      const double h0 = Engine::now_s();
+#ifdef LORECOMM_WITH_CUDA
+      std::shared_ptr<std::pair<at::cuda::CUDAEvent, at::cuda::CUDAEvent>> timing;
+      if (step.buffer.is_cuda()) {
+        timing = std::make_shared<std::pair<at::cuda::CUDAEvent, at::cuda::CUDAEvent>>(
+            at::cuda::CUDAEvent(cudaEventDefault), at::cuda::CUDAEvent(cudaEventDefault));
+        timing->first.record(c10::cuda::getCurrentCUDAStream(step.buffer.device().index()));
+      }
+#endif
       try {
         // AMP: compress the unscaled gradient (error buffers must not mix loss scales)
         if (step.loss_scale) step.buffer.div_(*step.loss_scale);
@@ -254,6 +274,13 @@ void run_item(Core& core, Item& it) {
       }
       step.bytes_sent = comm.bytes();
       step.collectives = comm.collectives();
+      step.host_seconds = Engine::now_s() - h0;
+#ifdef LORECOMM_WITH_CUDA
+      if (timing) {
+        timing->second.record(c10::cuda::getCurrentCUDAStream(step.buffer.device().index()));
+        step.device_timing = timing;
+      }
+#endif
     } catch (const std::exception& e) {
       const std::string msg = message_of(e);
       {

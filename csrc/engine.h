@@ -99,6 +99,11 @@ class Step {
   // filled by the engine when the step ran (read after the Future completed)
   int64_t bytes_sent = 0;
   int64_t collectives = 0;
+  double host_seconds = 0;  // wall time of the step on the host (CPU: its whole cost; CUDA: enqueueing)
+  // The step's cost: host_seconds on CPU; on CUDA the time between two events recorded around it on
+  // the engine's stream (waits for the second one: call it off the hot path).
+  double elapsed_seconds() const;
+  std::shared_ptr<void> device_timing;  // CUDA: std::pair of timing CUDAEvents
 };
 
 class Engine {

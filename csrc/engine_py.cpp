@@ -76,7 +76,10 @@ LORECOMM_PYBIND(engine) {
       .def_readwrite("buffer", &Step::buffer)
       .def_readwrite("loss_scale", &Step::loss_scale)
       .def_readonly("bytes_sent", &Step::bytes_sent, "bytes this rank put into collectives (after the step ran)")
-      .def_readonly("collectives", &Step::collectives, "collectives this rank issued (after the step ran)");
+      .def_readonly("collectives", &Step::collectives, "collectives this rank issued (after the step ran)")
+      .def_readonly("host_seconds", &Step::host_seconds, "host wall time of the step (after it ran)")
+      .def("elapsed_seconds", &Step::elapsed_seconds, py::call_guard<py::gil_scoped_release>(),
+           "the step's cost: host time on CPU, its time on the engine's stream on CUDA (waits for it)");
 
   py::class_<st::Batch>(m, "Batch", "Same-shape oriented matrices of one bucket (a plan's batch).")
       .def(py::init([](at::Tensor G, std::optional<at::Tensor> E, at::Tensor ids, int64_t rank,
@@ -94,13 +97,14 @@ LORECOMM_PYBIND(engine) {
            py::arg("Q") = py::none());
 
   py::class_<st::DenseStep, Step, std::shared_ptr<st::DenseStep>>(m, "DenseStep")
-      .def(py::init([](at::Tensor buffer, const py::object& wire) {
+      .def(py::init([](at::Tensor buffer, const py::object& wire, std::vector<st::Batch> flush) {
              auto s = std::make_shared<st::DenseStep>();
              s->buffer = std::move(buffer);
              s->wire = dtype_of(wire);
+             s->flush = std::move(flush);
              return s;
            }),
-           py::arg("buffer"), py::arg("wire") = py::none());
+           py::arg("buffer"), py::arg("wire") = py::none(), py::arg("flush") = std::vector<st::Batch>());
 
   py::class_<st::GreedyLoreStep, Step, std::shared_ptr<st::GreedyLoreStep>>(m, "GreedyLoreStep")
       .def(py::init([](bool refresh, at::Tensor buffer, std::vector<st::Batch> batches, st::Ranges dense_ranges,

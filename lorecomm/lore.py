@@ -18,7 +18,7 @@ import torch
 
 from .plan import DEFAULT_DENSE_PATTERNS, Batch, BucketPlan, lore_rank, matrix_shape
 from .probes import coin
-from .state import CommState, check_int, check_positive
+from .state import CommState, check_bool, check_int, check_positive
 
 _WIRES = (torch.bfloat16, torch.float16, torch.float32)
 _WARM_STREAM = 4
@@ -45,15 +45,26 @@ class LoreState(CommState):
         min_compression_rate: compress an m x n matrix only if
             (m + n) r * rate < m n (torch's PowerSGD rule).
         seed: seeds the random draws (same on every rank).
-        dense_name_patterns, dense_embeddings, grad_scaler: as ``CommState``.
+        auto_dense: after ``AUTO_DENSE_STEPS`` compressed steps, compare each bucket's
+            measured compressed step with its dense warm-up steps (the engine's own
+            timings, averaged over the ranks, so every rank decides the same) and send
+            the buckets where compression does not pay dense from then on (their error
+            buffers flushed into the first dense step). Needs >= 3 warm-up steps.
+        dense_name_patterns, dense_embeddings, grad_scaler: as ``CommState``; Lore
+            compresses every matrix by default, embeddings included, as torch's
+            PowerSGD does (measured: keeping the LM's embeddings dense cost more
+            bytes than it bought at equal bytes, bench/results/convergence.md).
     """
+
+    #: compressed steps timed before auto_dense decides (the first one is not counted)
+    AUTO_DENSE_STEPS = 8
 
     PHASES = ("dense", "compressed")
 
     def __init__(self, process_group=None, rank: int | None = None, compression: float | None = None,
                  explore: float = 0.125, wire: torch.dtype = torch.bfloat16, start_step: int = 1000,
-                 min_compression_rate: float = 2.0, seed: int = 0, dense_name_patterns=DEFAULT_DENSE_PATTERNS,
-                 dense_embeddings: bool = True, grad_scaler=None):
+                 min_compression_rate: float = 2.0, seed: int = 0, auto_dense: bool = True,
+                 dense_name_patterns=(), dense_embeddings: bool = False, grad_scaler=None):
         super().__init__(process_group, dense_name_patterns, dense_embeddings, grad_scaler)
         if rank is not None and compression is not None:
             raise ValueError("give either rank=r (directions per matrix) or compression=c (a byte budget: dense "
@@ -73,12 +84,16 @@ class LoreState(CommState):
         self.start_step = check_int("start_step", start_step, 0)
         self.min_compression_rate = check_positive("min_compression_rate", min_compression_rate)
         self.seed = check_int("seed", seed, 0)
+        self.auto_dense = check_bool("auto_dense", auto_dense)
         self._budget_ranks: dict[str, int | None] = {}
+        self._timed: dict[int, dict[str, list]] = {}  # id(plan) -> phase -> recent steps
+        self._decided = False
+        self._auto: list[dict] = []  # the auto_dense decision, per bucket
 
     def config(self) -> dict:
         return {**super().config(), "rank": self.rank, "compression": self.compression, "explore": self.explore,
                 "wire": str(self.wire), "start_step": self.start_step,
-                "min_compression_rate": self.min_compression_rate, "seed": self.seed}
+                "min_compression_rate": self.min_compression_rate, "seed": self.seed, "auto_dense": self.auto_dense}
 
     # ------------------------------------------------------------- planning
     def bind(self, model) -> "LoreState":
@@ -175,11 +190,63 @@ class LoreState(CommState):
             if t == self.start_step and batches:
                 return _C.LoreWarmupStep(buffer=buffer, batches=batches, seed=self.seed, step=t)
             return _C.DenseStep(buffer)
+        if self.auto_dense and not self._decided and t >= self.start_step + self.AUTO_DENSE_STEPS + 1:
+            self._decide_dense(buffer.device)
+        if getattr(plan, "dense_by_choice", False):
+            if not plan.flushed:
+                plan.flushed = True
+                return _C.DenseStep(buffer, flush=batches)  # what the compressor still owed goes too
+            return _C.DenseStep(buffer)
         if not batches:
             return _C.DenseStep(buffer, wire=self.wire)
         explore = 1 if coin(self.seed, t, _EXPLORE_COIN, self.explore) else 0
         return _C.LoreStep(buffer=buffer, batches=batches, dense_ranges=list(plan.dense_ranges), wire=self.wire,
                            explore=explore, seed=self.seed, step=t)
+
+    # ------------------------------------------------------------ auto_dense
+    def _submitted(self, plan: BucketPlan, phase: str, step) -> None:
+        if self.auto_dense and not self._decided and plan.batches:
+            kept = self._timed.setdefault(id(plan), {"plan": plan, "dense": [], "compressed": []})
+            kept[phase].append(step)
+            del kept[phase][:-self.AUTO_DENSE_STEPS]
+
+    def _decide_dense(self, device) -> None:
+        """Every rank sends the buckets whose compressed steps cost more than their dense
+        warm-up steps dense from now on; the timings are averaged over the ranks (one
+        small all-reduce, once), so all decide alike."""
+        from . import _C
+
+        self._decided = True
+        self._drain("reduce")
+        timed = [k for k in self._timed.values()
+                 if any(k["plan"] is p for p in self._plans.values()) and len(k["dense"]) >= 2
+                 and len(k["compressed"]) >= 2]
+        self._timed = {}
+        if not timed:
+            return
+
+        def median(steps):
+            xs = sorted(s.elapsed_seconds() for s in steps[1:])  # the first of each phase warms up
+            return xs[len(xs) // 2]
+
+        local = torch.tensor([[median(k["compressed"]), median(k["dense"])] for k in timed], device=device)
+        step = _C.DenseStep(local.reshape(-1))
+        step.label = f"auto_dense timings (step {self.step + 1})"
+        self._runtime().engine.submit(step).wait()
+        with self._counter_lock:
+            self._bytes_sent += step.bytes_sent
+            self._collectives += step.collectives
+        mean = local.cpu().tolist()  # the one host read: the decision
+        for k, (comp, dense) in zip(timed, mean):
+            plan = k["plan"]
+            plan.dense_by_choice, plan.flushed = comp > dense, False
+            self._auto.append({"bucket_numel": plan.numel, "compressed_s": comp, "dense_s": dense,
+                               "dense_from_now": comp > dense})
+
+    def stats(self) -> dict:
+        st = super().stats()
+        st["auto_dense"] = list(self._auto)
+        return st
 
     def ranks(self) -> dict[str, int]:
         """The rank of every compressed matrix (by parameter name), as planned so far."""

@@ -122,7 +122,7 @@ class SimulatedLore(_Simulated):
 
     def __init__(self, world_size: int, params, rank: int = 32, start_step: int = 1000,
                  min_compression_rate: float = 2.0, explore: float = 0.125, wire: torch.dtype = torch.bfloat16,
-                 seed: int = 0, dense_name_patterns=DEFAULT_DENSE_PATTERNS):
+                 seed: int = 0, dense_name_patterns=()):
         self.explore = explore
         self.wire = F64 if wire == torch.float64 else wire
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, True, start_step)

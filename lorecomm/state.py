@@ -364,6 +364,7 @@ class CommState:
             if is_last:
                 self._steps_by_phase[phase] += 1
                 self.step += 1
+        self._submitted(plan, phase, step)
         fut = self._runtime().engine.submit(step)
 
         # runs where the step completed (the worker, in bucket order), before DDP sees the bucket
@@ -408,6 +409,9 @@ class CommState:
         from . import _C
 
         return _C.DenseStep(buffer)
+
+    def _submitted(self, plan: BucketPlan, phase: str, step) -> None:
+        """A bucket's step was handed to the engine (states that time their steps keep it)."""
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:

@@ -48,7 +48,7 @@ def _measure(rank, world, explore, trials):
 
     w = torch.nn.Parameter(torch.zeros(A, B))
     state = lorecomm.LoreState(rank=R, start_step=0, explore=explore, wire=torch.float32,
-                               min_compression_rate=0.1).bind([("w", w)])
+                               min_compression_rate=0.1, auto_dense=False).bind([("w", w)])
     xs, Q, stale_Q = _adversaries()
     state.reduce(torch.zeros(A * B), [w])  # places the state (E, Q) of the matrix
     ts = state._param_tensors()["w"]

@@ -41,7 +41,8 @@ def config(kind: str, **cfg) -> dict:
     if kind == "greedy":
         return {**dict(compressor="greedylore", rank=4, update_interval=3, start_step=2, min_compression_rate=1.5),
                 **cfg}
-    return {**dict(rank=4, start_step=2, min_compression_rate=1.5), **cfg}
+    # auto_dense off: these tests hold results to references, not to this machine's timings
+    return {**dict(rank=4, start_step=2, min_compression_rate=1.5, auto_dense=False), **cfg}
 
 
 def make(kind: str, dtype=torch.float32, bucket_cap_mb=0.01, **cfg):
@@ -92,9 +93,9 @@ def test_hook_warmup_is_plain_ddp_then_compresses_with_identical_replicas(kind):
     assert stats["steps"] == 11
     want = {"dense": 4, "refresh": 3, "compressed": 4} if kind == "greedy" else {"dense": 4, "compressed": 7}
     assert stats["steps_by_phase"] == want
-    # conv (12 x 18), fc1 (48 x 216), fc2 (40 x 48) compressed; the embedding (by type and name)
-    # and head dense
-    assert stats["compressed_matrices"] == 3
+    # conv (12 x 18), fc1 (48 x 216), fc2 (40 x 48) compressed, the head (5 x 40) too small; GreedyLore
+    # keeps the embedding dense (by type and name), Lore compresses it as PowerSGD does
+    assert stats["compressed_matrices"] == (3 if kind == "greedy" else 4)
     assert stats["compression_ratio"] > 1.0
 
 
@@ -122,6 +123,7 @@ def _two_states(kind, shapes, **kw):
     kw = dict(dict(rank=3, start_step=1, min_compression_rate=1.0), **kw)
     if kind != "greedy":
         kw.pop("update_interval", None)
+        kw.setdefault("auto_dense", False)
     return ps, cls(**kw).bind(named), cls(**kw).bind(named)
 
 
@@ -178,7 +180,7 @@ def _nonfinite(rank, world, kind, inline):
     if kind == "greedy":
         state = lorecomm.GreedyLoreState(rank=3, update_interval=4, start_step=1, min_compression_rate=1.0)
     else:
-        state = lorecomm.LoreState(rank=3, start_step=1, min_compression_rate=1.0, explore=0.5)
+        state = lorecomm.LoreState(rank=3, start_step=1, min_compression_rate=1.0, explore=0.5, auto_dense=False)
     state.bind(named)
     g = torch.Generator().manual_seed(rank)
     report = {}
@@ -461,7 +463,7 @@ def _plain_register_comm_hook(rank, world, kind):
     if kind == "greedy":
         state = lorecomm.GreedyLoreState(rank=4, update_interval=3, start_step=1, min_compression_rate=1.5)
     else:
-        state = lorecomm.LoreState(rank=4, start_step=1, min_compression_rate=1.5)
+        state = lorecomm.LoreState(rank=4, start_step=1, min_compression_rate=1.5, auto_dense=False)
     # torch's own convention, no lorecomm.register
     ddp.register_comm_hook(state, lorecomm.hook_for(state))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
@@ -473,7 +475,7 @@ def _plain_register_comm_hook(rank, world, kind):
 @pytest.mark.parametrize("kind", COMPRESSORS)
 def test_plain_register_comm_hook_finds_its_model(kind):
     stats = run_ranks(_plain_register_comm_hook, 2, kind)[0]
-    assert stats["steps"] == 4 and stats["compressed_matrices"] == 3
+    assert stats["steps"] == 4 and stats["compressed_matrices"] == (3 if kind == "greedy" else 4)
 
 
 # --- AMP loss scaling, fp16 overflow ---------------------------------------------------------
@@ -605,3 +607,50 @@ def test_a_byte_budget_sets_consistent_ranks(compression):
     # every byte after warm-up counted (sketch, factors, dense leftovers): at least the asked compression,
     # and close to it (ranks are integers)
     assert compression <= c0 <= 1.6 * compression, (c0, ranks0)
+
+
+# --- auto_dense: buckets where compression does not pay go dense, on every rank alike ---------------
+class _Timed:
+    def __init__(self, s):
+        self.s = s
+
+    def elapsed_seconds(self):
+        return self.s
+
+
+def _auto_dense(rank, world):
+    shapes = [("w1", (16, 24)), ("w2", (20, 30))]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
+    state = lorecomm.LoreState(rank=2, start_step=3, min_compression_rate=1.0).bind(
+        [(n, p) for (n, _), p in zip(shapes, ps)])
+    g = torch.Generator().manual_seed(rank)
+    out = []
+    for t in range(1, 16):
+        bufs = [torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)]
+        if t == state.start_step + state.AUTO_DENSE_STEPS:
+            # the measured timings of this machine replaced by a known answer: bucket 0 compresses at
+            # 3 ms vs 1 ms dense on rank 0 and 1 ms vs 1 ms on rank 1 (mean 2 > 1: dense); bucket 1 the
+            # other way round; each rank alone would decide differently for bucket 0
+            comp0, comp1 = (0.003, 0.0005) if rank == 0 else (0.001, 0.0015)
+            for kept, c in zip(state._timed.values(), (comp0, comp1)):
+                kept["dense"] = [_Timed(1.0), _Timed(0.001), _Timed(0.001)]
+                kept["compressed"] = [_Timed(1.0)] + [_Timed(c)] * 3
+        before = {n: ts["E"].clone() for n, ts in state._param_tensors().items()}
+        for i, (buf, p) in enumerate(zip(bufs, ps)):
+            state.reduce(buf, [p], None, i == 1)
+        after = {n: ts["E"] for n, ts in state._param_tensors().items()}
+        out.append((torch.cat(bufs), {n: bool(torch.count_nonzero(after[n])) for n in after},
+                    {n: torch.equal(before.get(n, after[n]), after[n]) for n in after}))
+    return out, state.stats()["auto_dense"]
+
+
+def test_auto_dense_sends_the_buckets_that_do_not_pay_dense_on_every_rank():
+    (o0, a0), (o1, a1) = run_ranks(_auto_dense, 2)
+    assert a0 == a1 and [d["dense_from_now"] for d in a0] == [True, False], a0
+    for (b0, _, _), (b1, _, _) in zip(o0, o1):
+        assert torch.equal(b0, b1), "replicas differ"
+    decided = 3 + lorecomm.LoreState.AUTO_DENSE_STEPS + 1  # the step whose first bucket decides
+    for t, (_, nonzero, unchanged) in enumerate(o0, start=1):
+        if t >= decided:
+            assert not nonzero["w1"], f"step {t}: bucket 0 went dense: its error buffer was flushed, stays 0"
+            assert nonzero["w2"] and not unchanged["w2"], f"step {t}: bucket 1 still compresses"

@@ -81,8 +81,9 @@ class Method:
             self.note = f"torch powerSGD_hook r={r}, start_powerSGD_iter={start_p}, single DDP bucket"
         elif name == LORE:
             import lorecomm
+            # auto_dense off: these runs compare quality at equal bytes (on loopback dense is faster)
             kw = dict(rank=cfg.get("lore_rank") or 2 * r, start_step=start, seed=cfg.get("seed", 0),
-                      dense_name_patterns=(), dense_embeddings=False)
+                      auto_dense=False)
             for k in ("min_compression_rate", "explore"):
                 if k in cfg:
                     kw[k] = cfg[k]

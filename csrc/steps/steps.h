@@ -11,11 +11,16 @@
 
 namespace lorecomm::steps {
 
-// Plain averaging, optionally cast to a wire dtype (e.g. bf16) for the all-reduce.
+// Plain averaging, optionally cast to a wire dtype (e.g. bf16) for the all-reduce. With `flush`
+// batches the error buffers are sent too (G + E) and reset where the average is finite: a bucket
+// a compressor hands back to dense loses nothing it still owed.
 struct DenseStep : engine::Step {
   std::optional<at::ScalarType> wire;
-  std::string kind() const override { return "dense"; }
+  std::vector<Batch> flush;
+  std::string kind() const override { return flush.empty() ? "dense" : "dense (error flush)"; }
+  void check() const override;
   void run(engine::Comm& comm) override;
+  void tensors(std::vector<at::Tensor>& out) const override;
 };
 
 // GreedyLore: refresh or compressed step (csrc/steps/greedylore.cpp).
