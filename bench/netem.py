@@ -130,9 +130,7 @@ def _payload_bytes(kind, model, state, rank) -> int:
                     continue
             tot += p.numel() * 4
         return tot
-    s = state.stats()
-    return int(s["bytes_by_phase"].get("compressed", s["bytes_per_step"]) /
-               max(1, s["steps_by_phase"].get("compressed", 1)))
+    raise ValueError(kind)  # lorecomm's states count what their timed steps sent themselves
 
 
 def worker(args):
@@ -167,8 +165,10 @@ def worker(args):
 
         le.set_inline(args.inline)
         if args.method == "lore":
-            state = lorecomm.register(ddp, rank=args.lore_rank or 2 * args.rank, start_step=1,
-                                      dense_name_patterns=(), dense_embeddings=False)
+            # 4 dense warm-up steps, then auto_dense decides after 8 compressed steps (all in the
+            # untimed warm-up when --warmup >= 14): the timed steps show its choice
+            state = lorecomm.register(ddp, rank=args.lore_rank or 2 * args.rank, start_step=4,
+                                      auto_dense=args.auto_dense)
         else:
             state = lorecomm.register(ddp, compressor="greedylore", rank=args.rank,
                                       update_interval=args.update_interval, start_step=1, probes=args.probes,
@@ -190,6 +190,8 @@ def worker(args):
         step()
         warm.append(time.perf_counter() - t0)
     dist.barrier()
+    lorecomm_state = args.method in ("lore", "greedylore")
+    sent0 = state.stats()["bytes_sent"] if lorecomm_state else 0
     tx0 = int(open(tx_path).read())
     times = []
     for _ in range(args.steps):
@@ -197,9 +199,12 @@ def worker(args):
         step()
         times.append(time.perf_counter() - t0)
     tx1 = int(open(tx_path).read())
+    auto = state.stats().get("auto_dense") if args.method == "lore" else None
     res = {"method": args.method, "time": statistics.median(times), "mean": statistics.mean(times),
+           "auto_dense": auto or None,
            "warm": warm, "wire": (tx1 - tx0) / args.steps,
-           "payload": _payload_bytes(args.method, model, state, args.rank),
+           "payload": ((state.stats()["bytes_sent"] - sent0) / args.steps if lorecomm_state
+                       else _payload_bytes(args.method, model, state, args.rank)),
            "numel": sum(p.numel() for p in model.parameters())}
     if args.rank_id == 0:
         print("RESULT " + json.dumps(res), flush=True)
@@ -235,6 +240,7 @@ def _run_pair_once(net: VethPair, method: str, args) -> dict:
                "--probes", args.probes, "--warmup", str(args.warmup), "--steps", str(args.steps),
                "--lore-rank", str(args.lore_rank or 2 * args.rank),
                "--threads", str(args.threads)] + (["--inline"] if args.inline else []) + \
+            ([] if args.auto_dense else ["--no-auto-dense"]) + \
             ([] if args.bucket_mb is None else ["--bucket-mb", str(args.bucket_mb)])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cu.ROOT), os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
@@ -268,13 +274,15 @@ def main(argv=None):
     p.add_argument("--lore-rank", type=int, default=None, help="Lore's rank (default 2 x --rank: the same bytes)")
     p.add_argument("--update-interval", type=int, default=200)
     p.add_argument("--probes", default="sketch", choices=["paper", "sketch"])
-    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=14, help="untimed steps (Lore: 4 dense + its auto_dense probe)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--bucket-mb", type=float, default=None,
                    help="DDP bucket size for dense/bf16/lore/greedylore (default: one bucket for every method; "
                         "PowerSGD always gets one bucket, its hook breaks with 2+ on Gloo)")
+    p.add_argument("--no-auto-dense", dest="auto_dense", action="store_false",
+                   help="Lore never falls back to dense (default: it decides after 8 compressed steps)")
     p.add_argument("--inline", action="store_true",
                    help="run lorecomm's engine on the caller's thread (LORECOMM_ENGINE=0) instead of its worker")
     p.add_argument("--out", default=None)
@@ -320,7 +328,8 @@ def main(argv=None):
     for (rate, m), r in results.items():
         dense = results.get((rate, "dense"))
         ps = results.get((rate, "powersgd"))
-        rows.append([rate, m, f"{r['time'] * 1e3:.1f}", f"{dense['time'] / r['time']:.2f}x" if dense else "-",
+        name = m + (" (auto_dense chose dense)" if (r.get("auto_dense") or {}).get("dense_from_now") else "")
+        rows.append([rate, name, f"{r['time'] * 1e3:.1f}", f"{dense['time'] / r['time']:.2f}x" if dense else "-",
                      f"{ps['time'] / r['time']:.2f}x" if ps else "-", f"{r['payload'] / 2**20:.3f}",
                      f"{r['wire'] / 2**20:.3f}"])
     text += cu.md_table(["link", "method", "ms/step", "speed-up vs dense", "speed-up vs PowerSGD",

@@ -13,6 +13,7 @@ warm start Q); the steps run on the engine (csrc/steps/lore.cpp);
 """
 
 import numbers
+import time
 
 import torch
 
@@ -42,14 +43,16 @@ class LoreState(CommState):
         wire: dtype of the sketch, factors and dense leftovers on the wire
             (bf16 default: twice the rank of fp32 at the same bytes).
         start_step: dense (fp32) warm-up steps; the last one seeds the tracker.
-        min_compression_rate: compress an m x n matrix only if
-            (m + n) r * rate < m n (torch's PowerSGD rule).
+        min_compression_rate: compress an m x n matrix only if the bytes it sends,
+            times the rate, stay below dense fp32's: wire_bytes (m + n) r rate < 4 m n
+            (torch's PowerSGD rule on an fp32 wire).
         seed: seeds the random draws (same on every rank).
-        auto_dense: after ``AUTO_DENSE_STEPS`` compressed steps, compare each bucket's
-            measured compressed step with its dense warm-up steps (the engine's own
-            timings, averaged over the ranks, so every rank decides the same) and send
-            the buckets where compression does not pay dense from then on (their error
-            buffers flushed into the first dense step). Needs >= 3 warm-up steps.
+        auto_dense: after ``AUTO_DENSE_STEPS`` compressed steps, compare their measured
+            cost with the dense warm-up steps' (CPU: training step wall time; CUDA: the
+            buckets' time on the engine's stream), averaged over the ranks so every rank
+            decides the same, and if compression does not pay send every bucket dense from
+            then on (error buffers flushed into the first dense step). Needs >= 3 warm-up
+            steps; ``stats()["auto_dense"]`` reports the measurement and the choice.
         dense_name_patterns, dense_embeddings, grad_scaler: as ``CommState``; Lore
             compresses every matrix by default, embeddings included, as torch's
             PowerSGD does (measured: keeping the LM's embeddings dense cost more
@@ -86,9 +89,10 @@ class LoreState(CommState):
         self.seed = check_int("seed", seed, 0)
         self.auto_dense = check_bool("auto_dense", auto_dense)
         self._budget_ranks: dict[str, int | None] = {}
-        self._timed: dict[int, dict[str, list]] = {}  # id(plan) -> phase -> recent steps
+        self._timed: dict[str, list] = {}  # phase -> recent (last hand-over time, steps of its buckets)
+        self._current: list = []  # steps of the optimizer step in progress
         self._decided = False
-        self._auto: list[dict] = []  # the auto_dense decision, per bucket
+        self._auto: dict = {}  # the auto_dense decision
 
     def config(self) -> dict:
         return {**super().config(), "rank": self.rank, "compression": self.compression, "explore": self.explore,
@@ -107,7 +111,7 @@ class LoreState(CommState):
         factor s (each a x b matrix gets r = a b / (s (a + b)) directions) whose
         bytes after warm-up (sketch, factors, dense leftovers on the wire) fit
         the budget; a function of the shapes alone, so every rank agrees."""
-        wb = torch.tensor([], dtype=self.wire).element_size()
+        wb = self._wire_bytes
         named = {name: tuple(p.shape) for p, (pid, name) in self._param_items()}
         dense_names = {name for p, (pid, name) in self._param_items()
                        if id(p) in self._dense_params or self._is_dense_name(name)}
@@ -123,7 +127,7 @@ class LoreState(CommState):
                     continue
                 a, b = min(mn), max(mn)
                 want = max(1, int(a * b / (s * (a + b))))
-                out[name] = lore_rank(mn[0], mn[1], want, self.min_compression_rate)
+                out[name] = lore_rank(mn[0], mn[1], want, self.min_compression_rate, wb)
             return out
 
         def cost(ranks) -> float:
@@ -162,10 +166,14 @@ class LoreState(CommState):
         module = model.module if isinstance(model, DDP) else model
         return [(p, self._params[id(p)]) for p in module.parameters()]
 
+    @property
+    def _wire_bytes(self) -> int:
+        return torch.tensor([], dtype=self.wire).element_size()
+
     def _rank_for(self, m: int, n: int, name: str) -> int | None:
         if self.compression is not None:
             return self._budget_ranks.get(name)
-        return lore_rank(m, n, self.rank, self.min_compression_rate)
+        return lore_rank(m, n, self.rank, self.min_compression_rate, self._wire_bytes)
 
     def _batch_tensor_specs(self, batch: Batch) -> dict[str, torch.Tensor]:
         from . import ops
@@ -204,48 +212,56 @@ class LoreState(CommState):
                            explore=explore, seed=self.seed, step=t)
 
     # ------------------------------------------------------------ auto_dense
-    def _submitted(self, plan: BucketPlan, phase: str, step) -> None:
-        if self.auto_dense and not self._decided and plan.batches:
-            kept = self._timed.setdefault(id(plan), {"plan": plan, "dense": [], "compressed": []})
-            kept[phase].append(step)
-            del kept[phase][:-self.AUTO_DENSE_STEPS]
+    def _submitted(self, plan: BucketPlan, phase: str, step, is_last: bool) -> None:
+        if not self.auto_dense or self._decided:
+            return
+        self._current.append(step)
+        if is_last:  # one optimizer step: its buckets' steps, and when its last bucket was handed over
+            kept = self._timed.setdefault(phase, [])
+            kept.append((time.monotonic(), self._current))
+            del kept[:-(self.AUTO_DENSE_STEPS + 1)]
+            self._current = []
+
+    def _step_seconds(self, phase: str) -> list[float]:
+        """The cost of each recent step of ``phase``: on CPU the wall time between the hand-overs of
+        consecutive last buckets (the whole training step: the compressor competes with the
+        backward pass for the same cores); on CUDA the buckets' time on the engine's stream."""
+        kept = self._timed.get(phase, [])
+        if kept and kept[-1][1] and kept[-1][1][0].buffer.is_cuda:
+            return [sum(s.elapsed_seconds() for s in steps) for _, steps in kept[1:]]
+        return [b[0] - a[0] for a, b in zip(kept, kept[1:])]
 
     def _decide_dense(self, device) -> None:
-        """Every rank sends the buckets whose compressed steps cost more than their dense
-        warm-up steps dense from now on; the timings are averaged over the ranks (one
-        small all-reduce, once), so all decide alike."""
+        """Every rank goes dense from now on if the compressed steps cost more than the dense
+        warm-up steps; the costs are averaged over the ranks (one small all-reduce, once), so
+        all decide alike."""
         from . import _C
 
         self._decided = True
         self._drain("reduce")
-        timed = [k for k in self._timed.values()
-                 if any(k["plan"] is p for p in self._plans.values()) and len(k["dense"]) >= 2
-                 and len(k["compressed"]) >= 2]
-        self._timed = {}
-        if not timed:
-            return
+        dense, comp = self._step_seconds("dense"), self._step_seconds("compressed")
+        self._timed, self._current = {}, []
+        if len(dense) < 2 or len(comp) < 2:
+            return  # too few warm-up steps to compare (start_step < 3): keep compressing
 
-        def median(steps):
-            xs = sorted(s.elapsed_seconds() for s in steps[1:])  # the first of each phase warms up
-            return xs[len(xs) // 2]
+        def median(xs):
+            return sorted(xs)[len(xs) // 2]
 
-        local = torch.tensor([[median(k["compressed"]), median(k["dense"])] for k in timed], device=device)
-        step = _C.DenseStep(local.reshape(-1))
+        local = torch.tensor([median(comp), median(dense)], device=device)
+        step = _C.DenseStep(local)
         step.label = f"auto_dense timings (step {self.step + 1})"
         self._runtime().engine.submit(step).wait()
         with self._counter_lock:
             self._bytes_sent += step.bytes_sent
             self._collectives += step.collectives
-        mean = local.cpu().tolist()  # the one host read: the decision
-        for k, (comp, dense) in zip(timed, mean):
-            plan = k["plan"]
-            plan.dense_by_choice, plan.flushed = comp > dense, False
-            self._auto.append({"bucket_numel": plan.numel, "compressed_s": comp, "dense_s": dense,
-                               "dense_from_now": comp > dense})
+        c, d = local.cpu().tolist()  # the one host read: the decision
+        self._auto = {"compressed_step_s": c, "dense_step_s": d, "dense_from_now": c > d}
+        for plan in self._plans.values():
+            plan.dense_by_choice, plan.flushed = c > d, False
 
     def stats(self) -> dict:
         st = super().stats()
-        st["auto_dense"] = list(self._auto)
+        st["auto_dense"] = dict(self._auto)
         return st
 
     def ranks(self) -> dict[str, int]:

@@ -146,14 +146,16 @@ def compressed_rank(m: int, n: int, rank: int, min_compression_rate: float) -> i
     return r if max(m, n) * r * min_compression_rate < m * n else None
 
 
-def lore_rank(m: int, n: int, rank: int, min_compression_rate: float) -> int | None:
+def lore_rank(m: int, n: int, rank: int, min_compression_rate: float, wire_bytes: int = 4) -> int | None:
     """Lore's rank for an m x n matrix, or None where it does not pay.
 
-    r is capped at min(m, n); compress only if (m + n) * r * rate < m * n
-    (elements sent: the sketch and the factors; torch's PowerSGD rule).
+    r is capped at min(m, n); compress only if the bytes sent, wire_bytes * (m + n) * r
+    (sketch and factors), times the rate stay below what dense fp32 DDP would send,
+    4 * m * n. With an fp32 wire this is torch's PowerSGD rule; with bf16 factors
+    Lore compresses at twice PowerSGD's rank exactly the matrices PowerSGD compresses.
     """
     r = min(rank, m, n)
-    return r if (m + n) * r * min_compression_rate < m * n else None
+    return r if wire_bytes * (m + n) * r * min_compression_rate < 4 * m * n else None
 
 
 def name_is_dense(name: str, patterns: Sequence[str]) -> bool:

@@ -131,9 +131,8 @@ class SimulatedLore(_Simulated):
             a, b = self._zeros(p).shape
             self.Q[p] = probe_matrix(probe_key(seed, 0, p, 4), self.ranks[p], b).double()
 
-    @staticmethod
-    def _compressed_rank(m: int, n: int, rank: int, rate: float) -> int | None:
-        return lore_rank(m, n, rank, rate)
+    def _compressed_rank(self, m: int, n: int, rank: int, rate: float) -> int | None:
+        return lore_rank(m, n, rank, rate, self._wire_bytes)
 
     @property
     def _wire_bytes(self) -> int:

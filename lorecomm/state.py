@@ -364,7 +364,7 @@ class CommState:
             if is_last:
                 self._steps_by_phase[phase] += 1
                 self.step += 1
-        self._submitted(plan, phase, step)
+        self._submitted(plan, phase, step, is_last)
         fut = self._runtime().engine.submit(step)
 
         # runs where the step completed (the worker, in bucket order), before DDP sees the bucket
@@ -410,8 +410,8 @@ class CommState:
 
         return _C.DenseStep(buffer)
 
-    def _submitted(self, plan: BucketPlan, phase: str, step) -> None:
-        """A bucket's step was handed to the engine (states that time their steps keep it)."""
+    def _submitted(self, plan: BucketPlan, phase: str, step, is_last: bool) -> None:
+        """A bucket's step is about to go to the engine (states that time their steps keep it)."""
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:

@@ -59,7 +59,7 @@ def test_compare_main_job_tiny():
     out = _run(["bench/compare.py", "--steps", "6", "--preset", "tiny", "--seq", "16", "--batch", "2",
                 "--out", out_prefix, "--no-progress"])
     for word in ("train loss", "val loss", "bytes/step", "compression", "time/step", "dense", "powersgd",
-                 "greedylore", "single DDP bucket"):
+                 "lore", "greedylore", "single DDP bucket"):
         assert word in out, out
     assert os.path.exists(out_prefix + ".json")
     if HAS_MPL:
@@ -87,11 +87,17 @@ def test_run_all_quick_writes_report(tmp_path):
     assert "| dense/sgdm |" in md.split("## 3. Fine-tuning")[1].split("## 4.")[0]
     assert "greedy-noef/sgdm" in md and "fine-tune sgdm" in md
     assert "(extra row: vs PowerSGD only" in md
+    # issue 11: Lore in the sections, the loss-vs-bytes frontier over budgets, the LM over seeds, the claim
+    assert "| lore/adamw |" in md.split("## 1.")[1].split("## 2.")[0]
+    front = md.split("## 7. Loss vs bytes")[1].split("## 8.")[0]
+    assert "| lm | adamw | powersgd | 2 |" in front and "| digits | sgdm | lore | 4 |" in front, front
+    assert "## 8. The LM at PowerSGD r = 4 bytes over seeds" in md
+    assert "### Lore (lorecomm's default) is on or beyond torch PowerSGD's loss-vs-bytes frontier" in md
     assert "| randk/sgdm |" in md.split("## 1.")[1].split("## 2.")[0]  # LM under momentum SGD
     quad = md.split("## 4.")[1].split("## 5.")[0]
     assert "Under momentum SGD" in quad and "| lowrank | greedylore/adamw |" in quad
     if HAS_MPL:
-        for f in ("lm", "digits", "ft", "quadratics", "speedup"):
+        for f in ("lm", "digits", "ft", "frontier", "quadratics", "speedup"):
             assert (tmp_path / f"convergence_quick_{f}.png").exists()
     # the report re-renders from the saved raw results, identically
     again = _run(["bench/convergence/run_all.py", "--quick", "--report-only", "--out", str(tmp_path)])

@@ -17,7 +17,7 @@ from lorecomm.probes import probe_matrix, probe_key
 lc = torch.ops.lorecomm
 
 # (B, a, b, r): a = 1, r = a, odd sizes, a > b, several column blocks with a
-# partial last block (the C++ kernels block columns by ~65536 / a).
+# partial last block (the C++ kernels block columns by min(4096, 2**20 / a)).
 SHAPES = [
     (1, 1, 1, 1),
     (1, 1, 37, 1),
@@ -27,6 +27,7 @@ SHAPES = [
     (1, 16, 4099, 7),
     (2, 40, 3001, 6),
     (7, 9, 70, 2),
+    (2, 8, 9001, 3),
 ]
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "transposed", "strided"]

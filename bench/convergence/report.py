@@ -183,3 +183,51 @@ def plot_speedup(s, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def frontier_points(results):
+    """(method, opt) -> sorted [(bytes per step after warm-up, final val loss, rank, run)] of a frontier run."""
+    pts = {}
+    for r in results["runs"]:
+        cb, st = r["cum_bytes"], r.get("start_step", 0)
+        after = (cb[-1] - cb[st - 1]) / max(1, len(cb) - st) if 0 < st < len(cb) else r["bytes_per_step"]
+        key = (r["method"], r["opt"])
+        rk = r.get("lore_rank") if r["method"] == "lore" else r.get("rank")
+        pts.setdefault(key, []).append((after, r["evals"][-1]["val_loss"], rk, r))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in pts.items()}
+
+
+def plot_frontier(workloads, path):
+    """Validation loss vs bytes per step after warm-up, per workload (columns) and optimizer (rows)."""
+    plt = _plt()
+    if plt is None:
+        return None
+    keys = [k for k in ("lm", "digits", "ft") if k in workloads]
+    opts = sorted({r["opt"] for k in keys for r in workloads[k]["runs"]})
+    fig, axes = plt.subplots(len(opts), len(keys), figsize=(5.2 * len(keys), 4.2 * len(opts)), squeeze=False)
+    colors = {"powersgd": "tab:orange", "lore": "tab:blue", "greedylore": "tab:green", "randk": "tab:purple"}
+    for j, k in enumerate(keys):
+        pts = frontier_points(workloads[k])
+        for i, opt in enumerate(opts):
+            ax = axes[i, j]
+            for (m, o), ps in pts.items():
+                if o != opt:
+                    continue
+                if m == "dense":
+                    ax.axhline(ps[0][1], color="k", ls=":", lw=1, label="dense")
+                    continue
+                ax.plot([p[0] / 1e3 for p in ps], [p[1] for p in ps], "o-", color=colors.get(m), label=m, lw=1.2,
+                        ms=4)
+                for b, v, rk, _ in ps:
+                    ax.annotate(f"r{rk}", (b / 1e3, v), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            ax.set_xscale("log")
+            ax.set_xlabel("KB sent per rank per step after warm-up (everything counted)")
+            ax.set_ylabel("validation loss")
+            ax.set_title(f"{k} / {opt}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -54,25 +54,38 @@ def record(task, steps, skip, names_wanted, N=2, seed=0):
     return [(n, tuple(p.shape)) for n, p in named], stream
 
 
+def _E(comp, i, p):
+    """rank i's error buffer of parameter p (simulate.py's lists or proto.py's dicts), or None."""
+    E = getattr(comp, "E", None)
+    if isinstance(E, list):
+        return E[i][p]
+    if isinstance(E, dict):
+        return E.get((i, p))
+    return None
+
+
+def _unorient(comp, p, e, shape):
+    return comp._unoriented(p, e) if hasattr(comp, "_unoriented") else comp.unorient(p, e)
+
+
 def evaluate(make_comp, shapes, stream):
     comp = make_comp(shapes)
     lag = miss = 0.0
     for grads in stream:
         N = len(grads)
-        if hasattr(comp, "E"):
-            E_before = [[(comp.E[i][p].clone() if isinstance(comp.E, list) and comp.E[i][p] is not None else None)
-                         for p in range(len(shapes))] for i in range(N)] if isinstance(comp.E, list) else None
+        E_before = [[None if _E(comp, i, p) is None else _E(comp, i, p).clone() for p in range(len(shapes))]
+                    for i in range(N)]
         out = comp.step(grads)
         for p in range(len(shapes)):
             gbar = sum(grads[i][p] for i in range(N)) / N
             # error-corrected mean (what an exact compressor would have output)
             hbar = gbar.clone()
-            if E_before is not None and E_before[0][p] is not None:
+            if E_before[0][p] is not None:
                 e = sum(E_before[i][p] for i in range(N)) / N
-                hbar = hbar + (comp._unoriented(p, e) if hasattr(comp, "_unoriented") else e.reshape(gbar.shape))
+                hbar = hbar + _unorient(comp, p, e, gbar.shape).reshape(gbar.shape)
             miss += float((out[p].reshape(gbar.shape) - hbar).square().sum() / hbar.square().sum())
-            if isinstance(comp.E, list) and comp.E[0][p] is not None:
-                ebar = sum(comp.E[i][p] for i in range(N)) / N
+            if _E(comp, 0, p) is not None:
+                ebar = sum(_E(comp, i, p) for i in range(N)) / N
                 lag += float(ebar.square().sum() / gbar.square().sum())
     n = len(stream) * len(shapes)
     return lag / n, miss / n, comp.bytes_sent / len(stream)
