@@ -218,8 +218,9 @@ class CommState:
         """Rank to compress an m x n gradient with, or None for dense."""
         return None
 
-    def _plan(self, buffer: torch.Tensor, params: Sequence[torch.Tensor], offsets) -> BucketPlan:
-        """The bucket's plan (checked input; built once per bucket layout)."""
+    def _plan(self, buffer: torch.Tensor, params: Sequence[torch.Tensor], offsets, shapes=None) -> BucketPlan:
+        """The bucket's plan (checked input; built once per bucket layout). ``shapes``: each
+        gradient's shape in the bucket when it is not its parameter's (a shard, under FSDP)."""
         if not isinstance(buffer, torch.Tensor) or buffer.dim() != 1 or not buffer.is_contiguous():
             raise ValueError("buffer must be a contiguous 1-D gradient tensor")
         if buffer.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -233,15 +234,18 @@ class CommState:
                 pos += p.numel()
         if len(offsets) != len(params):
             raise ValueError(f"got {len(params)} params but {len(offsets)} offsets")
+        shapes = [tuple(p.shape) for p in params] if shapes is None else [tuple(s) for s in shapes]
+        if len(shapes) != len(params):
+            raise ValueError(f"got {len(params)} params but {len(shapes)} shapes")
         ids = [self._identity(p) for p in params]
         key = (buffer.numel(), buffer.dtype, buffer.device,
-               tuple((pid, int(o)) for (pid, _), o in zip(ids, offsets)))
+               tuple((pid, int(o), s) for (pid, _), o, s in zip(ids, offsets, shapes)))
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._new_plan(key, buffer, params, ids, offsets)
+            plan = self._new_plan(key, buffer, params, ids, offsets, shapes)
         return plan
 
-    def _new_plan(self, key, buffer, params, ids, offsets) -> BucketPlan:
+    def _new_plan(self, key, buffer, params, ids, offsets, shapes) -> BucketPlan:
         self._check_device(buffer)
         dense_ids = {pid for p, (pid, _) in zip(params, ids) if id(p) in self._dense_params}
 
@@ -250,7 +254,7 @@ class CommState:
                 return None
             return self._rank_for(m, n, name)
 
-        described = [(pid, name, tuple(p.shape), int(o)) for (pid, name), p, o in zip(ids, params, offsets)]
+        described = [(pid, name, shape, int(o)) for (pid, name), shape, o in zip(ids, shapes, offsets)]
         plan = build_plan(buffer.numel(), described, rank_for)
         # buckets in flight finish first: their state moves into the new plan, and the
         # agreement check below talks on the engine's group from this thread
@@ -343,13 +347,13 @@ class CommState:
 
     # ------------------------------------------------------------ entry points
     def reduce(self, buffer: torch.Tensor, params: Sequence[torch.Tensor], offsets=None,
-               is_last: bool = True) -> torch.Tensor:
+               is_last: bool = True, shapes=None) -> torch.Tensor:
         """Average ``buffer`` (local gradients of ``params``) across ranks, in place."""
-        return self.reduce_async(buffer, params, offsets, is_last).wait()
+        return self.reduce_async(buffer, params, offsets, is_last, shapes).wait()
 
-    def reduce_async(self, buffer, params, offsets=None, is_last: bool = True) -> torch.futures.Future:
+    def reduce_async(self, buffer, params, offsets=None, is_last: bool = True, shapes=None) -> torch.futures.Future:
         """``reduce`` without waiting: a future of ``buffer``, completed by the engine."""
-        plan = self._plan(buffer, params, offsets)
+        plan = self._plan(buffer, params, offsets, shapes)
         t = self.step + 1
         phase = self.phase(t)
         step = self._step_for(phase, plan, buffer, t)
@@ -379,12 +383,26 @@ class CommState:
             if ok is not None:
                 bad = ~ok
                 self._step_bad = bad if self._step_bad is None else self._step_bad | bad
-            if is_last and self._step_bad is not None:
-                bad, self._step_bad = self._step_bad.to(torch.int64), None
-                self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
+            if is_last:
+                self._count_step_nonfinite()
             return value
 
         return fut.then(finish)
+
+    def _count_step_nonfinite(self) -> None:
+        """The step ended: count it if one of its buckets was non-finite (on device)."""
+        if self._step_bad is not None:
+            bad, self._step_bad = self._step_bad.to(torch.int64), None
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
+
+    def end_step(self) -> None:
+        """End the optimizer step after buckets all reduced with ``is_last=False``: for stacks that
+        know only after their last bucket that the step is over (what ``is_last=True`` does)."""
+        self._drain("end_step")
+        with self._counter_lock:
+            self._steps_by_phase[self.phase(self.step + 1)] += 1
+            self.step += 1
+        self._count_step_nonfinite()
 
     def _hook(self, bucket) -> torch.futures.Future:
         if not isinstance(bucket, dist.GradBucket):

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
 
 STEPS = 5
 GAS = 2  # micro-batches per optimizer step
+STAGES = (0, 1, 2)
 def configs(compressor: str):
     """(r = a, r < a) configurations of each compressor (the exact one reproduces dense training:
     GreedyLore's full basis, Lore on an fp32 wire)."""
@@ -22,7 +23,7 @@ def configs(compressor: str):
 
 
 
-def _train(rank, lore):
+def _train(rank, lore, stage=0):
     import deepspeed
     import torch.distributed as dist
 
@@ -34,6 +35,10 @@ def _train(rank, lore):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": GAS, "gradient_clipping": 1.0,
            "steps_per_print": 10 ** 9}
+    if stage:
+        # small buckets: several reductions per step (the last one partial), as in real runs
+        cfg.update(zero_optimization={"stage": stage, "reduce_bucket_size": 100, "allgather_bucket_size": 1000},
+                   zero_allow_untested_optimizer=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     state, calls = None, []
     if lore is not None:
@@ -47,10 +52,13 @@ def _train(rank, lore):
             x = torch.randn(4, 8, generator=g)
             y = 5 * torch.randn(4, 8, generator=g)
             engine.backward(((engine(x) - y) ** 2).sum())
-            if engine.is_gradient_accumulation_boundary():
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary and not stage:
                 # the averaged gradient, before engine.step() clips it
                 norms.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item())
             engine.step()
+            if boundary and stage:  # ZeRO keeps the gradients in partitions: the norm it clipped by
+                norms.append(float(engine.get_global_grad_norm()))
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
@@ -81,10 +89,15 @@ def _worker(rank, world_size, compressor):
 
     lore_deepspeed.skip_cpu_shm_op()  # no JIT build of DeepSpeed's CPU shm op in tests
     deepspeed.init_distributed(dist_backend="gloo")
-    refused = [_refusal({"zero_optimization": {"stage": 1}}),
-               _refusal({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}})]  # loss-scaled grads
     exact, low = configs(compressor)
-    return dict(dense=_train(rank, None), exact=_train(rank, exact), low=_train(rank, low), refused=refused)
+    out = {}
+    for stage in STAGES:
+        out[stage] = dict(dense=_train(rank, None, stage), exact=_train(rank, exact, stage),
+                          low=_train(rank, low, stage))
+    # last: a ZeRO-3 engine changes process-wide DeepSpeed state that later engines would see
+    out["refused"] = [_refusal({"zero_optimization": {"stage": 3}}),
+                      _refusal({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}})]  # loss-scaled
+    return out
 
 
 @pytest.mark.parametrize("compressor", ["lore", "greedylore"])
@@ -92,22 +105,28 @@ def test_deepspeed_two_ranks(compressor):
     from lorecomm.integrations._launch import run_ranks
 
     results = run_ranks(_worker, 2, compressor)
-    r = results[0]
-    for key in ("exact", "low"):
-        # one bucket (all fp32 grads) per optimizer step, counted
-        assert r[key]["calls"] == [1] * STEPS, r[key]["calls"]
-        st = r[key]["stats"]
-        assert st["steps"] == STEPS and st["calls"] == STEPS and st["steps_by_phase"]["compressed"] >= 2, st
-        assert st["compressed_matrices"] == 2
-    # clipping was active (averaged gradient norm > 1.0), and it ran on the averaged reconstructed gradient:
-    # with r = a the run equals DeepSpeed's own dense training
-    assert max(r["dense"]["norms"]) > 1.0
-    torch.testing.assert_close(r["exact"]["norms"], r["dense"]["norms"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(r["exact"]["params"], r["dense"]["params"], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(r["low"]["params"], r["dense"]["params"], atol=1e-6)
-    assert r["low"]["stats"]["bytes_by_phase"]["compressed"] < r["exact"]["stats"]["bytes_by_phase"]["compressed"]
-    for key in ("dense", "exact", "low"):
-        assert torch.equal(results[0][key]["params"], results[1][key]["params"])
-    zero1, fp16_autocast = r["refused"]
-    assert zero1 is not None and "ZeRO stage 1" in zero1
+    r0 = results[0]
+    for stage in STAGES:
+        r = r0[stage]
+        for key in ("exact", "low"):
+            st = r[key]["stats"]
+            assert st["steps"] == STEPS and st["steps_by_phase"]["compressed"] >= 2, (stage, st)
+            assert st["compressed_matrices"] == 2, (stage, st)
+            if stage == 0:  # one bucket (all fp32 grads) per optimizer step, counted
+                assert r[key]["calls"] == [1] * STEPS and st["calls"] == STEPS, r[key]["calls"]
+            else:  # several ZeRO buckets per reduction; stage 2 reduces every micro-batch
+                per_step = r[key]["calls"]
+                assert len(set(per_step)) == 1 and per_step[0] >= (2 if stage == 1 else 2 * GAS), (stage, per_step)
+        # clipping was active (averaged gradient norm > 1.0), and it ran on the averaged reconstructed gradient:
+        # with r = a the run equals DeepSpeed's own dense training (ZeRO: each rank's partition of it)
+        assert max(r["dense"]["norms"]) > 1.0
+        torch.testing.assert_close(r["exact"]["params"], r["dense"]["params"], rtol=1e-5, atol=1e-6)
+        if stage == 0:
+            torch.testing.assert_close(r["exact"]["norms"], r["dense"]["norms"], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(r["low"]["params"], r["dense"]["params"], atol=1e-6), stage
+        assert r["low"]["stats"]["bytes_by_phase"]["compressed"] < r["exact"]["stats"]["bytes_by_phase"]["compressed"]
+        for key in ("dense", "exact", "low"):
+            assert torch.equal(results[0][stage][key]["params"], results[1][stage][key]["params"])
+    zero3, fp16_autocast = r0["refused"]
+    assert zero3 is not None and "ZeRO stage 3" in zero3 and "partitions the parameters" in zero3
     assert fp16_autocast is not None and "GradScaler" in fp16_autocast

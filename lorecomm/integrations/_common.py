@@ -21,7 +21,9 @@ def make_state(state, config: dict, process_group, default_dense_patterns: Seque
     if name not in COMPRESSORS:
         raise ValueError(f"compressor must be one of {', '.join(map(repr, COMPRESSORS))}; got {name!r}")
     config.setdefault("process_group", process_group)
-    if default_dense_patterns is not None and name != "dense":
+    # the stack's embedding / head names: dense for the paper's GreedyLore and the baselines; Lore
+    # compresses every matrix by default, as in plain DDP
+    if default_dense_patterns is not None and name not in ("dense", "lore"):
         config.setdefault("dense_name_patterns", tuple(default_dense_patterns))
     return COMPRESSORS[name](**config)
 

@@ -1,4 +1,4 @@
-"""GreedyLore with Hugging Face Accelerate: register on the prepared model.
+"""lorecomm with Hugging Face Accelerate: register on the prepared model.
 
 Usage::
 
@@ -7,7 +7,7 @@ Usage::
 
     accelerator = Accelerator()
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    state = lore_accelerate.register(accelerator, model, rank=32, update_interval=200, start_step=1000)
+    state = lore_accelerate.register(accelerator, model, rank=16, start_step=1000)
     # train as usual: with accelerator.accumulate(model): ... accelerator.backward(loss) ...
 
 Why not ``DistributedDataParallelKwargs(comm_hook=...)``: Accelerate maps
@@ -60,5 +60,5 @@ def register(accelerator, model, state=None, **config):
         raise TypeError(
             f"expected the model returned by accelerator.prepare (a DistributedDataParallel), got "
             f"{type(model).__name__}; for DeepSpeed/FSDP/Megatron plugins use the matching lorecomm integration "
-            f"(FSDP is not supported)")
+            f"(FSDP2: lorecomm.integrations.fsdp)")
     return lorecomm.register(ddp, state=state, **config)

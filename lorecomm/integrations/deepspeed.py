@@ -1,4 +1,5 @@
-"""GreedyLore in a DeepSpeed engine (ZeRO stage 0, fp32).
+"""lorecomm (Lore by default, or any lorecomm state) in a DeepSpeed engine: ZeRO stage 0 (fp32)
+and ZeRO stages 1 and 2 (fp32 or bf16).
 
 Usage::
 
@@ -6,7 +7,7 @@ Usage::
     from lorecomm.integrations import deepspeed as lore_deepspeed
 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    state = lore_deepspeed.register(engine, rank=32, update_interval=200, start_step=1000)
+    state = lore_deepspeed.register(engine, rank=16, start_step=1000)
     # train as usual: engine.backward(loss); engine.step()
 
 How it plugs in: without ZeRO, DeepSpeed averages gradients at the
@@ -33,11 +34,26 @@ times ``N / dp_world_size`` (1 in plain data parallelism) with
 only changes where DeepSpeed divides, not the result.
 ``communication_data_type`` is not used (lorecomm picks what it sends).
 
-Refused at ``register`` (with the reason): ZeRO stages 1-3 (the optimizer
-partitions and reduce-scatters gradients), fp16/bf16 engines (the optimizer
-reduces its own fp32 accumulation buffers, fp16 loss scaling would put scaled
-gradients in the error-feedback buffer), pipeline parallelism, sequence
-parallelism and MoE layers (other process groups).
+ZeRO stages 1 and 2 (``DeepSpeedZeroOptimizer``): each rank owns a
+partition of the optimizer state (stage 1) and of the gradients (stage 2).
+During backward the optimizer copies gradients into contiguous buckets and
+hands each full bucket to ``average_tensor``, which reduce-scatters it (or
+all-reduces it, ``reduce_scatter: false``) before every rank copies its
+partition out. ``register`` replaces ``average_tensor`` on the optimizer
+instance: the bucket's parameters (and their shapes) are known from the
+optimizer's bucket records, lorecomm all-reduces the low-rank factors and
+every rank reconstructs the whole averaged bucket, from which DeepSpeed's
+unchanged code copies this rank's partition (the trick of the Megatron
+distributed-optimizer integration). The step ends in the optimizer's
+reduction epilogue at the gradient-accumulation boundary (stage 2 reduces
+every micro-batch, as DeepSpeed does; stage 1 only at the boundary). Needs
+``contiguous_gradients`` (the default).
+
+Refused at ``register`` (with the reason): ZeRO stage 3 (parameters are
+partitioned too: no rank holds whole matrices), fp16 engines (loss scaling
+would put scaled gradients in the error-feedback buffer), bf16 without ZeRO
+(the BF16 optimizer reduces its own fp32 accumulation buffers), pipeline
+parallelism, sequence parallelism and MoE layers (other process groups).
 
 CPU note: on a CPU-only machine DeepSpeed's communication backend
 JIT-compiles a shared-memory all-reduce op on first use (minutes on a small
@@ -135,7 +151,8 @@ def _make_fallback(original):
 def register(engine, state=None, **config):
     """Route a DeepSpeed engine's gradient averaging through lorecomm; returns the state.
 
-    ``register(engine, rank=32, ...)`` builds a ``GreedyLoreState`` on the
+    ``register(engine, rank=16, ...)`` builds a ``LoreState`` (``compressor=...``
+    another) on the
     engine's data-parallel group; ``register(engine, state=...)`` uses a given
     lorecomm state. Call it once, after ``deepspeed.initialize``.
     """
@@ -147,16 +164,19 @@ def register(engine, state=None, **config):
 
     if not isinstance(engine, DeepSpeedEngine):
         raise TypeError(f"expected a deepspeed.DeepSpeedEngine (from deepspeed.initialize), got {type(engine).__name__}")
-    if engine.zero_optimization_stage() != 0:
+    stage = engine.zero_optimization_stage()
+    if stage >= 3:
         raise NotImplementedError(
-            f"ZeRO stage {engine.zero_optimization_stage()} is not supported: the ZeRO optimizer partitions and "
-            "reduce-scatters the gradients itself, so no rank has the whole averaged matrix to reconstruct; use "
-            "ZeRO stage 0 (data parallelism) with lorecomm")
-    if engine.fp16_enabled() or engine.bfloat16_enabled():
+            f"ZeRO stage {stage} is not supported: it partitions the parameters too, so no rank holds a whole "
+            "matrix to compress; use ZeRO stage 1 or 2 (optimizer state / gradients partitioned) with lorecomm")
+    if engine.fp16_enabled():
         raise NotImplementedError(
-            "fp16/bf16 DeepSpeed engines are not supported: their optimizers reduce internal fp32 accumulation "
-            "buffers instead of the parameters' gradients, and fp16 loss scaling would store scaled gradients in "
-            "the error-feedback buffer; use an fp32 engine (bf16 torch.autocast inside the model is fine)")
+            "fp16 DeepSpeed engines are not supported: fp16 loss scaling would store scaled gradients in the "
+            "error-feedback buffer (and keep those of the steps the scaler skips); use bf16 or fp32")
+    if engine.bfloat16_enabled() and stage == 0:
+        raise NotImplementedError(
+            "bf16 without ZeRO is not supported: the BF16 optimizer reduces its own fp32 accumulation buffers "
+            "instead of the parameters' gradients; use bf16 with ZeRO stage 1 or 2, or an fp32 engine")
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
         raise NotImplementedError(
             "DeepSpeed's fp16 torch_autocast runs a GradScaler on ZeRO-0: the gradients lorecomm would compress "
@@ -178,8 +198,76 @@ def register(engine, state=None, **config):
     state = make_state(state, config, dp_group)
     check_group(state, dp_group, "the DeepSpeed engine")
     state.bind(engine.module)
+    if stage in (1, 2):
+        _register_zero(engine, state, stage)
+        return state
     ctl = _Controller(engine, state)
     engine._lorecomm = ctl
     engine.allreduce_and_copy = types.MethodType(_allreduce_and_copy, engine)
     engine.buffered_allreduce_fallback = types.MethodType(_make_fallback(engine.buffered_allreduce_fallback), engine)
     return state
+
+
+class _ZeroController:
+    """ZeRO 1/2: the optimizer's buckets through lorecomm, each rank taking its partition."""
+
+    def __init__(self, engine, optimizer, state, stage):
+        self.engine, self.opt, self.state, self.stage = engine, optimizer, state, stage
+
+    def bucket_params(self, tensor, comm_dtype):
+        """The parameters of the bucket ``average_tensor`` was handed, at their offsets in it."""
+        opt = self.opt
+        records = opt.ipg_buckets[comm_dtype].params
+        params = [opt.bit16_groups[g][i] for g, i, _ in records]
+        offsets, pos = [], 0
+        for p in params:
+            offsets.append(pos)
+            pos += p.numel()
+        if pos != tensor.numel():
+            raise RuntimeError(
+                f"lorecomm.integrations.deepspeed: a ZeRO bucket of {tensor.numel()} elements holds parameters of "
+                f"{pos} elements: this DeepSpeed version lays its buckets out differently than lorecomm expects")
+        return params, offsets
+
+    def average_tensor(self, tensor, comm_dtype):
+        if tensor.numel() == 0:
+            return
+        opt = self.opt
+        params, offsets = self.bucket_params(tensor, comm_dtype)
+        self.state.reduce(tensor, params, offsets, is_last=False)  # the mean over the data-parallel ranks
+        if not opt.gradient_average:
+            tensor.mul_(dist.get_world_size(group=opt.dp_process_group))
+        if tensor.is_cuda and getattr(opt, "overlap_comm", False):
+            # DeepSpeed copies the partitions out on its reduction stream
+            opt.reduction_stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        opt._add_full_reduction_to_compact_grad_partition(tensor, comm_dtype)
+
+    def epilogue(self, original):
+        def independent_gradient_partition_epilogue():
+            original()
+            # stage 2 reduces every micro-batch, stage 1 only at the boundary: one step per optimizer step
+            if self.stage == 1 or self.opt.is_gradient_accumulation_boundary():
+                self.state.end_step()
+        return independent_gradient_partition_epilogue
+
+
+def _register_zero(engine, state, stage):
+    opt = engine.optimizer
+    for attr in ("ipg_buckets", "bit16_groups", "average_tensor", "independent_gradient_partition_epilogue",
+                 "_add_full_reduction_to_compact_grad_partition"):
+        if not hasattr(opt, attr):
+            raise NotImplementedError(
+                f"lorecomm.integrations.deepspeed: the ZeRO optimizer {type(opt).__name__} has no {attr}; this "
+                f"DeepSpeed version is not supported with ZeRO stage {stage} (tested: 0.19.8)")
+    if not opt.contiguous_gradients:
+        raise NotImplementedError(
+            "ZeRO with contiguous_gradients=false is not supported: its reduction path flattens gradients without "
+            "the bucket records lorecomm reads parameter shapes from; set zero_optimization.contiguous_gradients "
+            "to true (the default)")
+    if getattr(opt, "_lorecomm", None) is not None:
+        raise RuntimeError("this DeepSpeed engine is already registered with lorecomm")
+    ctl = _ZeroController(engine, opt, state, stage)
+    opt._lorecomm = ctl
+    opt.average_tensor = ctl.average_tensor
+    opt.independent_gradient_partition_epilogue = ctl.epilogue(opt.independent_gradient_partition_epilogue)
+    engine._lorecomm = ctl

@@ -1,11 +1,11 @@
-"""GreedyLore in PyTorch Lightning: a DDP strategy that always registers the hook.
+"""lorecomm in PyTorch Lightning: a DDP strategy that always registers the hook.
 
 Usage::
 
     import lorecomm
     from lorecomm.integrations.lightning import LoreDDPStrategy
 
-    strategy = LoreDDPStrategy(ddp_comm_state=lorecomm.GreedyLoreState(rank=32, update_interval=200))
+    strategy = LoreDDPStrategy(ddp_comm_state=lorecomm.LoreState(rank=16))
     trainer = lightning.pytorch.Trainer(strategy=strategy, accelerator="cpu" or "gpu", devices=...)
 
 Why a strategy: Lightning's ``DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)``
@@ -15,7 +15,7 @@ never called. ``LoreDDPStrategy`` registers it on every device type, binds
 the state to the wrapped model (parameter names for ``dense_name_patterns``)
 and picks the hook that matches the state (``lorecomm.hook_for``) unless
 ``ddp_comm_hook`` is given. Without ``ddp_comm_state`` it uses
-``GreedyLoreState()`` with the paper's defaults. All other keyword arguments
+``LoreState()`` with its defaults. All other keyword arguments
 are ``DDPStrategy``'s.
 
 ``LoreDDPStrategy`` subclasses ``lightning.pytorch.strategies.DDPStrategy``

@@ -1,4 +1,4 @@
-"""GreedyLore in megatron-core's ``DistributedDataParallel``.
+"""lorecomm (Lore by default, or any lorecomm state) in megatron-core's ``DistributedDataParallel``.
 
 Usage::
 
@@ -6,7 +6,7 @@ Usage::
     from lorecomm.integrations import megatron as lore_megatron
 
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(overlap_grad_reduce=True), model)
-    state = lore_megatron.register(ddp, rank=32, update_interval=200, start_step=1000)
+    state = lore_megatron.register(ddp, rank=16, start_step=1000)   # compressor="greedylore": the paper's
     # train as usual: forward/backward, ddp.finish_grad_sync() (finalize_model_grads does it), optimizer.step()
 
 How it plugs in: megatron-core launches each bucket group's gradient
@@ -156,10 +156,11 @@ def _start_grad_sync(self, force_all_reduce: bool = False):
 def register(ddp_model, state=None, **config):
     """Route a megatron-core DDP model's gradient sync through lorecomm; returns the state.
 
-    ``register(ddp, rank=32, ...)`` builds a ``GreedyLoreState`` on the
-    model's data-parallel group (``dense_name_patterns`` defaults to
-    :data:`MEGATRON_DENSE_PATTERNS`); ``register(ddp, state=...)`` uses a given
-    state (any lorecomm state), which must reduce over that same group.
+    ``register(ddp, rank=16, ...)`` builds a ``LoreState`` (``compressor=...``
+    another, see ``lorecomm.COMPRESSORS``; GreedyLore's ``dense_name_patterns``
+    default to :data:`MEGATRON_DENSE_PATTERNS`) on the model's data-parallel
+    ranks; ``register(ddp, state=...)`` uses a given state (any lorecomm state),
+    which must reduce over those same ranks.
     Call it once, after constructing the DDP model and before the first
     backward pass.
     """
