@@ -49,7 +49,7 @@ def _decompress_kernel(P, Rb, out, a, b, r,
 def decompress(P: torch.Tensor, Rbar: torch.Tensor, out: torch.Tensor, *,
                precision: str | None = None, block_m: int | None = None,
                block_n: int | None = None, block_r: int | None = None,
-               num_warps: int = 4) -> None:
+               num_warps: int = 8) -> None:
     C.check_tensor("P", P, 3, (torch.float32,))
     C.check_tensor("Rbar", Rbar, 3, C.GRAD_DTYPES)
     C.check_tensor("out", out, 3, C.GRAD_DTYPES)
@@ -67,7 +67,7 @@ def decompress(P: torch.Tensor, Rbar: torch.Tensor, out: torch.Tensor, *,
     C.check_batch(B)
     BM = block_m or C.clamp_block(a, 16, 64)
     BN = block_n or C.clamp_block(b, 16, 64)
-    BR = block_r or C.clamp_block(r, 16, 32)
+    BR = block_r or 16
     grid = (C.cdiv(a, BM) * C.cdiv(b, BN), B)
     with C.device_guard(out):
         _decompress_kernel[grid](

@@ -53,7 +53,7 @@ def _range_sketch_kernel(G, E, Q, Y, a, b, c, cols_per_split,
 
 def range_sketch(G: torch.Tensor, E: torch.Tensor, Q: torch.Tensor, *, precision: str | None = None,
                  split: int | None = None, block_m: int | None = None, block_n: int | None = None,
-                 num_warps: int = 4) -> torch.Tensor:
+                 num_warps: int = 8) -> torch.Tensor:
     C.check_tensor("G", G, 3, C.GRAD_DTYPES)
     C.check_tensor("E", E, 3, (torch.float32,))
     C.check_tensor("Q", Q, 3, (torch.float32,))

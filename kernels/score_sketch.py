@@ -86,7 +86,7 @@ def score_sketch(G: torch.Tensor, E: torch.Tensor, U: torch.Tensor, keys: torch.
                  k: int, *, precision: str | None = None, split: int | None = None,
                  block_m: int | None = None, block_n: int | None = None,
                  block_j: int | None = None, block_x: int | None = None,
-                 num_warps: int = 4) -> torch.Tensor:
+                 num_warps: int = 8) -> torch.Tensor:
     C.check_tensor("G", G, 3, C.GRAD_DTYPES)
     C.check_tensor("E", E, 3, (torch.float32,))
     C.check_tensor("U", U, 3, (torch.float32,))
@@ -105,7 +105,7 @@ def score_sketch(G: torch.Tensor, E: torch.Tensor, U: torch.Tensor, keys: torch.
     prec = C.precision(precision)
     KP = max(16, C.next_pow2(k))
     BM = block_m or C.clamp_block(a, 16, 64)
-    BN = block_n or C.clamp_block(b, 16, 64)
+    BN = block_n or C.clamp_block(b, 16, 64 if G.element_size() < 4 else 32)  # fp32 G at 64 spills
     n_m, n_cb = C.cdiv(a, BM), C.cdiv(b, BN)
     if split is None:
         # enough programs to fill the device (4 per SM), never more than the column blocks

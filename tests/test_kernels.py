@@ -1,4 +1,5 @@
-"""Triton kernels (lorecomm.kernels) on CPU under the Triton interpreter.
+"""Triton kernels (lorecomm.kernels) on CPU under the Triton interpreter, or compiled on a GPU
+with LORECOMM_TEST_DEVICE=cuda (tests/devices.py; bench/gpu_check.sh).
 
 Every launcher is checked against an independent float64 torch reference
 (probes from ``lorecomm.probes.probe_matrix``) on small random shapes, edge
@@ -11,7 +12,11 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+from devices import DEVICE, OnDevice, require_device  # noqa: E402  (imports no triton)
+
+if not (DEVICE or "").startswith("cuda"):  # a GPU run (bench/gpu_check.sh) compiles them for real
+    os.environ["TRITON_INTERPRET"] = "1"
+require_device()
 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
@@ -28,6 +33,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _load_kernels():
     """``lorecomm.kernels`` (setup.py maps ``kernels/`` to it), with its Triton functions interpreted."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return importlib.import_module("lorecomm.kernels")
     for name in [m for m in sys.modules if m == "lorecomm.kernels" or m.startswith("lorecomm.kernels.")]:
         mod = sys.modules[name]
         fns = [getattr(mod, f) for f in dir(mod) if f.startswith("_") and f.endswith("_kernel")]
@@ -36,7 +43,7 @@ def _load_kernels():
     return importlib.import_module("lorecomm.kernels")  # setup.py maps kernels/ to it
 
 
-K = _load_kernels()
+K = OnDevice(_load_kernels())  # every launcher on LORECOMM_TEST_DEVICE (tests/devices.py)
 from lorecomm.probes import probe_matrix  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -236,7 +243,7 @@ def test_range_sketch(case, split):
 
 
 # ---------------------------------------------------------------- project_residual
-PR_PATHS = [{}, {"max_block_a": 16}, {"max_block_a": 16, "max_block_r": 16}]
+PR_PATHS = [{}, {"max_block_a": 16}, {"max_block_a": 16, "block_r": 16, "split": 2}]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -265,7 +272,7 @@ def test_project_residual(case, dtype):
 
 @pytest.mark.parametrize("path", PR_PATHS)
 def test_project_residual_paths(path):
-    """Every code path (H in registers, two passes over a, R through memory)."""
+    """Every code path (H in registers; split over a, one or several chunks of r)."""
     B, a, b, r = 2, 37, 29, 20
     gen, G, E = _case_inputs(11, B, a, b, torch.float32, "transposed")
     P = _orth(gen, B, a)[:, :, :r]

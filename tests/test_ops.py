@@ -1,4 +1,5 @@
-"""The torch.ops.lorecomm CPU kernels (C++, lorecomm._C) vs float64 references.
+"""The torch.ops.lorecomm kernels vs float64 references: the C++ CPU kernels (lorecomm._C), or the
+CUDA ones with LORECOMM_TEST_DEVICE=cuda (tests/devices.py; bench/gpu_check.sh).
 
 Each op is checked against an independent float64 torch reference written
 here (probes from ``lorecomm.probes.probe_matrix``) on random shapes, gradient
@@ -11,8 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorecomm import ops
+import lorecomm.ops
+from devices import OnDevice, require_device, to_device
 from lorecomm.probes import probe_matrix, probe_key
+
+require_device()
+ops = OnDevice(lorecomm.ops)  # every op on LORECOMM_TEST_DEVICE (tests/devices.py): CPU by default
 
 lc = torch.ops.lorecomm
 
@@ -345,7 +350,7 @@ def test_opcheck(name):
     args = _opcheck_cases()[name]
     base = name.replace("_not_ok", "").replace("_low_precision_Rbar", "").replace("_low_precision_R", "")
     op = getattr(lc, base).default
-    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, to_device(args))
 
 
 def test_fake_shapes():
