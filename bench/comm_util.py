@@ -52,6 +52,9 @@ def init_pg(rank: int, world_size: int, port: int, backend: str, addr: str = "12
 
 
 def git_commit() -> str:
+    """The checkout's commit (+dirty); LORECOMM_COMMIT when set (a copy without .git, e.g. a GPU machine)."""
+    if os.environ.get("LORECOMM_COMMIT"):
+        return os.environ["LORECOMM_COMMIT"]
     try:
         c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.strip()

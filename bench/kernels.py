@@ -28,11 +28,12 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from comm_util import git_commit  # noqa: E402
 
 # dense tf32 tensor-core peaks (TFLOP/s, no sparsity), by device-name substring
 TF32_PEAK = {"H200": 494.7, "H100 SXM": 494.7, "H100 NVL": 417.5, "H100 PCIe": 378.0,
@@ -82,14 +83,6 @@ def _want_cuda(args):
 def import_kernels():
     """lorecomm.kernels (setup.py maps the source tree's kernels/ to it)."""
     return importlib.import_module("lorecomm.kernels")  # setup.py maps kernels/ to it
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 class Timer:
@@ -306,7 +299,7 @@ def main(argv=None):
         claim = False
 
     print(f"# lorecomm kernels benchmark: device={name}, date={datetime.date.today()}, "
-          f"commit={_commit()}, torch={torch.__version__}, G dtype={args.dtype}, layout={args.layout}, "
+          f"commit={git_commit()}, torch={torch.__version__}, G dtype={args.dtype}, layout={args.layout}, "
           f"k={args.k}, iters={iters}")
     print(f"# measured copy bandwidth: {copy_bw / 1e9:.1f} GB/s (torch copy, read+write)")
     if not claim:
@@ -354,7 +347,7 @@ def main(argv=None):
             del x, probes
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(device=name, date=str(datetime.date.today()), commit=_commit(),
+            json.dump(dict(device=name, date=str(datetime.date.today()), commit=git_commit(),
                            torch=torch.__version__, speed_claim=claim, copy_bandwidth=copy_bw,
                            tf32_peak=peak, args=vars(args), rows=rows), fh, indent=1)
     return 0

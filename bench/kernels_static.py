@@ -37,8 +37,11 @@ os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions: their signatures
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+
+from comm_util import git_commit  # noqa: E402
 
 SMS = 132  # H200 / H100 SXM
 # per-SM limits, sm_90 and sm_100 alike: registers, shared memory (bytes), threads, CTAs
@@ -270,11 +273,7 @@ def _fmt_bytes(x):
 def report(rows, arch, argv):
     import triton
 
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = git_commit()
     bad = [r for r in rows if r["findings"]]
     L = [f"# Triton kernels compiled for sm_{arch} without a GPU (static)", "",
          f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; "

@@ -20,8 +20,13 @@ torch's PowerSGD hook launches its second all-reduce from a Future callback,
 which deadlocks with two or more buckets on Gloo, so on Gloo PowerSGD runs
 with one bucket (noted in the table); dense and lorecomm use --bucket-mb.
 
+On ``--device cuda`` every rank runs on a GPU (Gloo on CUDA tensors: all ranks may share one GPU;
+``--backend nccl``: one GPU per rank) and each timed region ends with a device synchronize (DDP's
+backward returns before the GPU has finished).
+
     python bench/overlap.py                               # CPU: tiny/small/medium
     python bench/overlap.py --sizes small --out bench/results/comm-overlap-cpu.md
+    python bench/overlap.py --device cuda --sizes small medium base   # bench/gpu_check.sh
 """
 from __future__ import annotations
 
@@ -114,6 +119,11 @@ def make_state(kind, pg, args, ddp):
     return make_hook(kind, args.rank, args, ddp, pg=pg)
 
 
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_backward(ddp, ids, tgt, steps, warmup, bind_state=None):
     loss_fn = nn.CrossEntropyLoss()
     times = []
@@ -121,17 +131,23 @@ def _time_backward(ddp, ids, tgt, steps, warmup, bind_state=None):
         ddp.zero_grad(set_to_none=False)
         out = ddp(ids)
         loss = loss_fn(out.flatten(0, 1), tgt.flatten())
+        _sync(ids.device)
         dist.barrier()
         t0 = time.perf_counter()
         loss.backward()
+        _sync(ids.device)
         if s >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def _worker(rank, world_size, port, args, q):
-    cu.init_pg(rank, world_size, port, "gloo")
+    cu.init_pg(rank, world_size, port, args.backend)
     torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count() if args.backend == "nccl" else 0)
+        torch.cuda.set_device(device)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     solos = [dist.new_group([r]) for r in range(world_size)]  # collective: every rank creates all
@@ -141,16 +157,20 @@ def _worker(rank, world_size, port, args, q):
     for size in args.sizes:
         d, L, H, V = SIZES[size]
         g = torch.Generator().manual_seed(100 + rank)
-        ids = torch.randint(0, V, (args.batch, args.seq), generator=g)
-        tgt = torch.randint(0, V, (args.batch, args.seq), generator=g)
+        ids = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
+        tgt = torch.randint(0, V, (args.batch, args.seq), generator=g).to(device)
 
         def build(kind, pg):
             torch.manual_seed(0)
-            model = TinyLM(d, L, H, V, args.seq)
-            one_bucket = kind == "powersgd"
+            model = TinyLM(d, L, H, V, args.seq).to(device)
+            one_bucket = one_bucket_of(kind)
             ddp = DDP(model, process_group=pg, gradient_as_bucket_view=True,
+                      device_ids=[device.index] if device.type == "cuda" else None,
                       bucket_cap_mb=10_000 if one_bucket else args.bucket_mb)
             return ddp
+
+        def one_bucket_of(kind):
+            return kind == "powersgd" and args.backend == "gloo"
 
         nparams = sum(p.numel() for p in TinyLM(d, L, H, V, args.seq).parameters())
         ddp = build("dense", None)
@@ -173,22 +193,24 @@ def _worker(rank, world_size, port, args, q):
             msgs = list(rec.msgs)
             nbytes = sum(n * torch.empty((), dtype=dt).element_size() for _, n, dt in msgs)
             # replay the messages back to back on the real group
-            bufs = [torch.zeros(n, dtype=dt) for _, n, dt in msgs]
+            bufs = [torch.zeros(n, dtype=dt, device=device) for _, n, dt in msgs]
             ts = []
             for it in range(args.warmup + args.steps):
+                _sync(device)
                 dist.barrier()
                 t0 = time.perf_counter()
                 for b in bufs:
                     rec._orig(b)
+                _sync(device)
                 if it >= args.warmup:
                     ts.append(time.perf_counter() - t0)
             t_comm = statistics.median(ts)
             comp = max(0.0, t_solo - t_bwd)
             exposed = t_step - t_bwd
             overlap = 1 - exposed / (comp + t_comm) if comp + t_comm > 0 else float("nan")
-            rows.append([size, f"{nparams / 1e6:.2f}M", kind + (" (1 bucket)" if kind == "powersgd" else ""),
+            rows.append([size, f"{nparams / 1e6:.2f}M", kind + (" (1 bucket)" if one_bucket_of(kind) else ""),
                          f"{t_bwd * 1e3:.1f}", f"{comp * 1e3:.1f}", f"{t_comm * 1e3:.1f}",
-                         f"{t_step * 1e3:.1f}", f"{exposed * 1e3:.1f}", f"{overlap:.0%}",
+                         f"{t_step * 1e3:.1f}", f"{exposed * 1e3:.1f}", f"{exposed / t_bwd:.0%}", f"{overlap:.0%}",
                          len(msgs), f"{nbytes / 2**20:.2f}"])
             dist.barrier()
     if rank == 0:
@@ -199,6 +221,9 @@ def _worker(rank, world_size, port, args, q):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
+                   help="nccl: one GPU per rank (--device cuda, world size <= GPUs)")
     p.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"], choices=list(SIZES))
     p.add_argument("--methods", nargs="+", default=["dense", "powersgd", "lore", "greedylore-sketch"])
     p.add_argument("--batch", type=int, default=4)
@@ -212,6 +237,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda is not available")
+    if args.backend == "nccl" and (args.device != "cuda" or args.world_size > torch.cuda.device_count()):
+        p.error(f"--backend nccl needs --device cuda and one GPU per rank (world size {args.world_size}, "
+                f"{torch.cuda.device_count()} GPU(s)); use --backend gloo to share a GPU")
     args.methods, skipped = filter_methods(args.methods)
     if skipped:
         print(f"skipping {skipped}", file=sys.stderr)
@@ -220,13 +250,17 @@ def main(argv=None):
     q = mp.get_context("spawn").SimpleQueue()
     cu.spawn(_worker, args.world_size, args, q)
     rows = q.get()
-    text = cu.header(f"Step breakdown: backward / compression / communication / exposed (Gloo, {args.world_size} ranks)",
+    where = (f"{args.backend.upper() if args.backend == 'nccl' else 'Gloo'}, {args.world_size} ranks, "
+             + (torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"))
+    text = cu.header(f"Step breakdown: backward / compression / communication / exposed ({where})",
                      "python bench/overlap.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     text += (f"\nPre-LN transformer LM (embedding + encoder layers + head), batch {args.batch} x seq {args.seq}, "
              f"rank {args.rank}, buckets {args.bucket_mb} MB, {args.threads} torch thread(s) per rank, medians "
-             f"of {args.steps} steps. Times in ms. CPU only: GPU stream overlap is not measured here.\n\n")
+             f"of {args.steps} steps. Times in ms; 'exposed/bwd' = exposed / backward (the overlap target: under 10% "
+             f"where the dense all-reduce takes longer than the backward)."
+             + (" CPU only: GPU stream overlap is not measured here." if args.device == "cpu" else "") + "\n\n")
     text += cu.md_table(["model", "params", "method", "backward", "compress", "comm", "step", "exposed",
-                         "overlap", "msgs", "MB/step"], rows)
+                         "exposed/bwd", "overlap", "msgs", "MB/step"], rows)
     if skipped:
         text += f"\nNot run: {'; '.join(skipped)}.\n"
     cu.write_result(args.out, text)

@@ -20,9 +20,11 @@ COPIES = DEVICE is not None
 
 
 def require_device() -> None:
-    """Skip the calling module when the requested device is absent (a GPU run on a machine without one)."""
+    """Fail the calling module when the requested device is absent: LORECOMM_TEST_DEVICE=cuda (a GPU run)
+    on a machine without CUDA must not pass as a CPU run."""
     if DEVICE and DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip(f"LORECOMM_TEST_DEVICE={DEVICE} but torch.cuda is not available", allow_module_level=True)
+        raise RuntimeError(f"LORECOMM_TEST_DEVICE={DEVICE} but torch.cuda is not available "
+                           f"(torch {torch.__version__}); unset it to test on the CPU")
 
 
 def _storage_bytes(t: torch.Tensor) -> torch.Tensor:

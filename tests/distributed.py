@@ -21,14 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, fn, world_size: int, store: str, outdir: str, args: tuple) -> None:
+def _worker(rank: int, fn, world_size: int, store: str, outdir: str, args: tuple, backend: str) -> None:
     faulthandler.enable()  # a native crash in a rank shows its Python stacks
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     try:
         # a file rendezvous: no TCP port to race for with other test processes
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+        if backend == "nccl":  # one GPU per rank (NCCL refuses two ranks on one device)
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=90))
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(outdir, f"{rank}.pt"))
@@ -41,12 +43,14 @@ def _worker(rank: int, fn, world_size: int, store: str, outdir: str, args: tuple
     exit_rank()  # no interpreter finalization: see its docstring
 
 
-def run_ranks(fn, world_size: int = 2, *args):
-    """fn(rank, world_size, *args) on each rank; returns the list of results by rank."""
+def run_ranks(fn, world_size: int = 2, *args, backend: str = "gloo"):
+    """fn(rank, world_size, *args) on each rank; returns the list of results by rank.
+
+    ``backend="nccl"`` gives rank i the GPU i % device_count (as its current device)."""
     with tempfile.TemporaryDirectory() as outdir:
         try:
             store = os.path.join(outdir, "rendezvous")
-            mp.spawn(_worker, args=(fn, world_size, store, outdir, args), nprocs=world_size, join=True)
+            mp.spawn(_worker, args=(fn, world_size, store, outdir, args, backend), nprocs=world_size, join=True)
         except Exception as e:
             errs = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.endswith(".err")]
             raise AssertionError(f"a rank failed ({e}):\n" + "\n".join(errs)) from e

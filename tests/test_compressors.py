@@ -39,17 +39,17 @@ def _make_state(kind: str, cfg: dict):
     return _STATES[kind](**cfg)
 
 
-def _run_configs(rank, world, configs, steps, params):
-    """Each config on fresh state: reduce the structured gradients, keep every output."""
+def _run_configs(rank, world, configs, steps, params, device="cpu"):
+    """Each config on fresh state: reduce the structured gradients (buckets on ``device``), keep every output."""
     results = []
     for kind, cfg in configs:
-        ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in params]
+        ps = [torch.nn.Parameter(torch.zeros(s, device=device)) for _, s in params]
         state = _make_state(kind, cfg).bind([(n, p) for (n, _), p in zip(params, ps)])
         outs = []
         for t in range(1, steps + 1):
-            buf = torch.cat([g.float().reshape(-1) for g in structured_grads(t, rank, params)])
+            buf = torch.cat([g.float().reshape(-1) for g in structured_grads(t, rank, params)]).to(device)
             state.reduce_async(buf, ps).wait()  # the hook's own entry point, on the engine
-            outs.append(buf.clone())
+            outs.append(buf.cpu())
         results.append((outs, state.stats()))
     return results
 
