@@ -102,3 +102,22 @@ def test_run_all_quick_writes_report(tmp_path):
     # the report re-renders from the saved raw results, identically
     again = _run(["bench/convergence/run_all.py", "--quick", "--report-only", "--out", str(tmp_path)])
     assert again.strip() == md.strip()
+
+
+def test_resume_reuses_only_a_raw_file_of_exactly_the_requested_runs(tmp_path):
+    import json
+
+    from convergence.run_all import reusable
+    spec = dict(task="lm", preset="base", seq=64, batch=8, desc="LM")
+    runs = [dict(method="dense", opt="adamw", steps=10, rank=8), dict(method="lore", opt="adamw", steps=10, rank=8)]
+    saved = dict(spec=spec, world_size=2, runs=[dict(r, losses=[1.0, 0.5]) for r in runs])
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(saved))
+    assert reusable(str(path), spec, runs, 2)["runs"][1]["losses"] == [1.0, 0.5]
+    assert reusable(str(path), spec, runs, 4) is None  # other world size
+    assert reusable(str(path), dict(spec, seq=128), runs, 2) is None  # other spec
+    assert reusable(str(path), spec, runs[:1], 2) is None  # an interrupted or different list
+    assert reusable(str(path), spec, [runs[0], dict(runs[1], rank=4)], 2) is None  # one setting changed
+    assert reusable(str(tmp_path / "missing.json"), spec, runs, 2) is None
+    path.write_text("{ truncated")
+    assert reusable(str(path), spec, runs, 2) is None

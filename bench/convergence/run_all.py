@@ -30,7 +30,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.dirname(BENCH))
 
 from convergence import quadratics as Qd  # noqa: E402
-from convergence.ddp_runner import run_ddp  # noqa: E402
+from convergence.ddp_runner import run_ddp as train_ddp  # noqa: E402
 from convergence.diagnostics import __doc__ as DIAG_DOC, digits_diagnostic  # noqa: E402
 from convergence.report import (ddp_rows, fmt_bytes, frontier_points, markdown_table, plot_ddp,  # noqa: E402
                                 plot_frontier, plot_quadratics, plot_speedup)
@@ -347,6 +347,23 @@ def check_claims(W, cfg):
 
 
 # ----------------------------------------------------------------------------- main
+def reusable(path, spec, runs, world_size):
+    """The raw results at ``path`` if they hold exactly ``spec`` and ``runs`` (every requested setting of
+    every run, in order) on ``world_size`` ranks; None otherwise (missing, partial or different)."""
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    same = lambda x, y: json.loads(json.dumps(x)) == json.loads(json.dumps(y))  # noqa: E731 (tuples vs lists)
+    if saved.get("world_size") != world_size or not same(saved.get("spec"), spec):
+        return None
+    done = saved.get("runs", [])
+    if len(done) != len(runs) or any(not same({k: d.get(k) for k in r}, r) for d, r in zip(done, runs)):
+        return None
+    return saved
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -357,6 +374,10 @@ def main(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render the report from the raw results of the last run (OUT/tmp/*_all.json)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse a DDP workload's raw file (OUT/tmp) when it holds exactly the spec and runs this "
+                         "invocation would train (e.g. after an interrupted run); the file is trusted to come from "
+                         "the current code")
     args = ap.parse_args(argv)
     if args.report_only:
         prefix = "convergence" + ("_quick" if args.quick else "")
@@ -378,6 +399,14 @@ def main(argv=None):
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
+
+    def run_ddp(spec, runs, world_size, path, progress):
+        if args.resume:
+            saved = reusable(path, spec, runs, world_size)
+            if saved is not None:
+                log(f"[resume] {spec.get('desc', spec['task'])}: {len(runs)} runs reused from {path}")
+                return saved
+        return train_ddp(spec, runs, world_size, path, progress=progress)
 
     t_all = time.time()
     if "lm" in only:
