@@ -384,6 +384,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "tmp", f"{prefix}_all.json")) as fh:
             saved = json.load(fh)
         args.only = saved.get("only", args.only)
+        args.reused = saved.get("reused", [])
         md = write_report(saved["workloads"], configs(args.quick), saved["wall"],
                           saved.get("total", sum(saved["wall"].values())), args, prefix)
         print(md)
@@ -400,13 +401,22 @@ def main(argv=None):
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    reused, reused_s = [], [0.0]  # what --resume took from raw files, and the wall time it had cost
+
     def run_ddp(spec, runs, world_size, path, progress):
         if args.resume:
             saved = reusable(path, spec, runs, world_size)
             if saved is not None:
                 log(f"[resume] {spec.get('desc', spec['task'])}: {len(runs)} runs reused from {path}")
+                reused.append(spec.get("desc", spec["task"]))
+                reused_s[0] += sum(r.get("wall_s", 0.0) for r in saved["runs"])
                 return saved
         return train_ddp(spec, runs, world_size, path, progress=progress)
+
+    def elapsed(t0):
+        """Wall time of a workload, the original training time of reused parts included."""
+        dt, reused_s[0] = time.time() - t0 + reused_s[0], 0.0
+        return dt
 
     t_all = time.time()
     if "lm" in only:
@@ -415,14 +425,14 @@ def main(argv=None):
             runs_for("lm", cfg["lm"], cfg["lm_sgdm"], "sgdm", clip=1.0)
         W["lm"] = run_ddp(dict(cfg["lm_spec"], desc="LM"), runs, args.world_size,
                           os.path.join(raw, f"{prefix}_lm.json"), progress=prog)
-        wall["lm"] = time.time() - t0
+        wall["lm"] = elapsed(t0)
     if "digits" in only:
         t0 = time.time()
         runs = runs_for("digits", cfg["dg"], cfg["dg_adamw"], "adamw") + \
             runs_for("digits", cfg["dg"], cfg["dg_sgdm"], "sgdm")
         W["digits"] = run_ddp(dict(cfg["dg_spec"], desc="digits"), runs, args.world_size,
                               os.path.join(raw, f"{prefix}_digits.json"), progress=prog)
-        wall["digits"] = time.time() - t0
+        wall["digits"] = elapsed(t0)
     if "ft" in only:
         t0 = time.time()
         # keyed by the pre-training code too: a changed recipe never reuses a stale checkpoint
@@ -434,7 +444,7 @@ def main(argv=None):
             runs_for("ft", cfg["ft"], cfg.get("ft_sgdm", []), "sgdm")
         W["ft"] = run_ddp(spec, runs, args.world_size,
                           os.path.join(raw, f"{prefix}_ft.json"), progress=prog)
-        wall["ft"] = time.time() - t0
+        wall["ft"] = elapsed(t0)
     if "frontier" in only:
         t0 = time.time()
         W["frontier"] = {}
@@ -450,7 +460,7 @@ def main(argv=None):
                     for r in frontier_runs(key, cfg[sub], cfg["frontier"][key], opt, clip=clip)]
             W["frontier"][key] = run_ddp(spec, runs, args.world_size, os.path.join(raw, f"{prefix}_frontier_{key}.json"),
                                          progress=prog)
-        wall["frontier"] = time.time() - t0
+        wall["frontier"] = elapsed(t0)
     if "seeds" in only:
         t0 = time.time()
         W["seeds"] = {}
@@ -478,7 +488,7 @@ def main(argv=None):
                 if (m == "dense" or rk == sb.get(m)) and m in ("dense", "powersgd", "lore"):
                     W["seeds"].setdefault(r["opt"], {}).setdefault(m, []).insert(0, r["evals"][-1]["val_loss"])
             break
-        wall["seeds"] = time.time() - t0
+        wall["seeds"] = elapsed(t0)
     if "quad" in only:
         t0 = time.time()
         W["quad"] = Qd.spectrum_experiment(**cfg["quad"], progress=log if prog else None)
@@ -493,9 +503,10 @@ def main(argv=None):
         W["diag"] = {"rows": digits_diagnostic(dict(cfg["dg_spec"], seed=0), dg["steps"], dg["start_step"],
                                                dg["update_interval"], dg["rank"], progress=log if prog else None)}
         wall["diag"] = time.time() - t0
-    total = time.time() - t_all
+    total = sum(wall.values()) if reused else time.time() - t_all
+    args.reused = reused
     with open(os.path.join(raw, f"{prefix}_all.json"), "w") as fh:
-        json.dump({"workloads": W, "wall": wall, "total": total, "only": args.only}, fh)
+        json.dump({"workloads": W, "wall": wall, "total": total, "only": args.only, "reused": reused}, fh)
     md = write_report(W, cfg, wall, total, args, prefix)
     print(md)
     return W
@@ -510,6 +521,9 @@ def write_report(W, cfg, wall, total, args, prefix):
     import torch
     L = [f"# Convergence evidence (issues 5 and 11){' -- QUICK smoke-test sizes, not evidence' if args.quick else ''}", "",
          f"Produced by `{cmd}` in {total / 60:.1f} min on {os.cpu_count()} CPU cores (shared), "
+         + (f"the runs of {', '.join(getattr(args, 'reused', []))} taken over (`--resume`) from the raw files of an "
+            "interrupted run of the same code (their original wall times counted), "
+            if getattr(args, "reused", None) else "") +
          f"torch {torch.__version__}, Python {platform.python_version()}. "
          "All numbers and plots below are written by that script; nothing is edited by hand. "
          "Raw per-step data: `bench/results/tmp/*.json` (not committed). The README's short main job, "
