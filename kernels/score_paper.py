@@ -77,7 +77,8 @@ def score_paper(G: torch.Tensor, E: torch.Tensor, U: torch.Tensor, keys: torch.T
     C.check_batch(B)
     BJ = block_j or C.clamp_block(a, 16, 32)  # 64 spills on sm_100 with 16-bit G (bench/kernels_static.py)
     BK = block_k or 16
-    BN = block_n or C.clamp_block(b, 16, 64)
+    # 64 columns spill 16 B with 16-bit G on sm_100 under Triton 3.6 (bench/kernels_static.py)
+    BN = block_n or C.clamp_block(b, 16, 64 if G.element_size() == 4 else 32)
     n_j, n_n = C.cdiv(a, BJ), C.cdiv(b, BN)
     part = torch.empty((B, n_n, a), dtype=torch.float32, device=G.device)
     with C.device_guard(G):

@@ -61,7 +61,10 @@ def _fsdp_modules(model):
 
 
 def _param_group(module):
-    groups = module._get_fsdp_state()._fsdp_param_groups
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12: a list (per-parameter meshes)
+    if groups is None:  # torch 2.11: one optional group per module
+        groups = [state._fsdp_param_group] if state._fsdp_param_group is not None else []
     if len(groups) > 1:
         raise NotImplementedError(
             f"{type(module).__name__} has {len(groups)} FSDP parameter groups (per-parameter meshes from "
