@@ -5,8 +5,8 @@
 #   bench/cuda_build_check.sh [WORKDIR]        default WORKDIR /tmp/lorecomm-torch211
 #
 # Into WORKDIR it puts a throwaway venv (torch 2.11.0, its CUDA 13 runtime wheels, triton 3.6.0, pybind11,
-# pytest, cmake, ninja: about 4 GB from the package registry, by hand, not in CI; WHEELS=dir is searched
-# first) and a copy of this checkout (tracked and untracked-not-ignored files), builds the extension there
+# pytest, cmake, ninja, the bench and integration extras: about 4 GB from the package registry, by hand, not
+# in CI; WHEELS=dir is searched first) and a copy of this checkout (tracked and untracked-not-ignored files), builds the extension there
 # with nvcc (NVCC=path, else nvcc on PATH, else /usr/local/cuda/bin/nvcc), checks it is a CUDA build
 # (lorecomm._C.ENGINE_CUDA), compiles every Triton kernel for sm_90 with Triton 3.6
 # (bench/kernels_static.py --check), and runs the test suite (no GPU: the CUDA tests skip, every
@@ -36,6 +36,13 @@ if ! "$PY" -c 'import torch, triton, numpy, sys; sys.exit(not (torch.__version__
   "${PIP[@]}" "torch==2.11.0" "triton==3.6.0" "numpy<2.4" pytest pybind11 cmake ninja "setuptools>=64,<82" wheel \
     > "$WORK/logs/pip.log" 2>&1 || { tail -20 "$WORK/logs/pip.log"; exit 1; }
 fi
+if ! "$PY" -c 'import transformers, sklearn, deepspeed, lightning, accelerate' 2>/dev/null; then
+  log "installing the bench and integration extras against that torch (log: $WORK/logs/pip-extras.log)"
+  printf 'torch==2.11.0\ntriton==3.6.0\nnumpy<2.4\n' > "$WORK/constraints.txt"
+  DS_BUILD_OPS=0 "${PIP[@]}" -c "$WORK/constraints.txt" -r "$ROOT/requirements/extra-bench.txt" \
+    -r "$ROOT/requirements/extra-integrations.txt" > "$WORK/logs/pip-extras.log" 2>&1 \
+    || { tail -20 "$WORK/logs/pip-extras.log"; exit 1; }
+fi
 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__)'
 
 log "copying the checkout to $WORK/src"
@@ -55,7 +62,7 @@ log "Triton 3.6: every kernel configuration compiled for sm_90 (log: $WORK/logs/
 grep "finding(s)" "$WORK/logs/static.log"
 
 log "test suite on torch 2.11 / Triton 3.6 (log: $WORK/logs/pytest.log)"
-(cd "$WORK/src" && "$PY" -m pytest -q -p no:cacheprovider tests) > "$WORK/logs/pytest.log" 2>&1 \
+(cd "$WORK/src" && "$PY" -m pytest -q -rs -p no:cacheprovider tests) > "$WORK/logs/pytest.log" 2>&1 \
   || { tail -30 "$WORK/logs/pytest.log"; exit 1; }
-tail -3 "$WORK/logs/pytest.log"
+grep -E "^SKIPPED|passed|failed" "$WORK/logs/pytest.log" | tail -20
 log "OK: CUDA build against torch $("$PY" -c 'import torch; print(torch.__version__)'), CPU suite passed"
