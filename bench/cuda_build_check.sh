@@ -6,8 +6,8 @@
 #
 # Into WORKDIR it puts a throwaway venv (torch 2.11.0, its CUDA 13 runtime wheels, triton 3.6.0, pybind11,
 # pytest, cmake, ninja, the bench and integration extras: about 4 GB from the package registry, by hand, not
-# in CI; WHEELS=dir is searched first) and a copy of this checkout (tracked and untracked-not-ignored files), builds the extension there
-# with nvcc (NVCC=path, else nvcc on PATH, else /usr/local/cuda/bin/nvcc), checks it is a CUDA build
+# in CI; WHEELS=dir is searched first) and a copy of this checkout (tracked and untracked-not-ignored
+# files), builds the extension there with nvcc (NVCC=path, else nvcc on PATH, else /usr/local/cuda/bin/nvcc), checks it is a CUDA build
 # (lorecomm._C.ENGINE_CUDA), compiles every Triton kernel for sm_90 with Triton 3.6
 # (bench/kernels_static.py --check), and runs the test suite (no GPU: the CUDA tests skip, every
 # CPU test must pass). Exit status non-zero on any failure; the log of each stage is in WORKDIR/logs.
