@@ -7,7 +7,7 @@
 #
 # At most --budget-s (default 480) seconds; exit status 1 if any stage fails, 2 without a GPU. Writes
 # gpu-check-<device>.md (summary), kernels-<device>.md/.json, comm-overlap-<device>.md and
-# gpu-check-logs/ under the output directory. On a copy without .git, set LORECOMM_COMMIT=<sha>.
+# gpu-check-logs.tar.gz (every stage's log) under the output directory: 5 files. On a copy without .git, set LORECOMM_COMMIT=<sha>.
 # Stages and targets: bench/gpu_check.py --help.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

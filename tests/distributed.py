@@ -25,6 +25,7 @@ def _worker(rank: int, fn, world_size: int, store: str, outdir: str, args: tuple
     faulthandler.enable()  # a native crash in a rank shows its Python stacks
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # NCCL bootstraps over a socket even on one host
     torch.set_num_threads(1)
     try:
         # a file rendezvous: no TCP port to race for with other test processes

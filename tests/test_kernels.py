@@ -47,6 +47,9 @@ K = OnDevice(_load_kernels())  # every launcher on LORECOMM_TEST_DEVICE (tests/d
 from lorecomm.probes import probe_matrix  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# probes vs lorecomm.probes (numpy): the interpreter gives numpy's bits (1 ulp of slack); a GPU's libdevice
+# log/cos and sqrt.approx differ by a few ulp (the CPU C++ ops, another libm, by up to 4)
+PROBE_ULPS = 4 if (DEVICE or "").startswith("cuda") else 1
 KEYS = [0, 1, 12345, 2**32 - 1, 2**32, 2**32 + 1, 0x9E3779B97F4A7C1, 2**63 - 1]
 
 
@@ -144,14 +147,14 @@ def test_probe_normal_matches_reference(rows, cols):
     assert out.shape == (len(KEYS), rows, cols) and out.dtype == torch.float32
     ref = torch.stack([probe_matrix(int(k), rows, cols) for k in KEYS])
     ulps = (out.view(torch.int32).long() - ref.view(torch.int32).long()).abs().max().item()
-    assert ulps <= 1, f"probe_normal differs from lorecomm.probes by {ulps} ulp"
+    assert ulps <= PROBE_ULPS, f"probe_normal differs from lorecomm.probes by {ulps} ulp"
 
 
 def test_probe_normal_strided_keys_and_empty():
     keys = torch.tensor(KEYS, dtype=torch.int64)[::2]
     out = K.probe_normal(keys, 4, 5)
     ref = torch.stack([probe_matrix(int(k), 4, 5) for k in keys])
-    assert torch.equal(out, ref)
+    assert (out.view(torch.int32).long() - ref.view(torch.int32).long()).abs().max().item() <= PROBE_ULPS
     assert K.probe_normal(keys, 0, 5).shape == (len(keys), 0, 5)
 
 
@@ -369,7 +372,7 @@ def test_register_cuda_kernels_is_safe():
 def test_bench_quick_runs_on_cpu():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--quick"],
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--quick", "--device", "cpu"],
                          capture_output=True, text=True, env=env, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "project_residual" in res.stdout and "decompress" in res.stdout
