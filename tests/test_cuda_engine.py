@@ -16,7 +16,7 @@ import torch
 from lorecomm import _C
 
 from distributed import run_ranks
-from test_compressors import CONFIGS, PARAMS, STEPS, TOLERANCE, _run_configs, _simulate
+from test_compressors import CONFIGS, PARAMS, STEPS, _run_configs, check_against_simulation
 
 GPU_RUN = (os.environ.get("LORECOMM_TEST_DEVICE") or "").startswith("cuda")
 if not (torch.cuda.is_available() and _C.ENGINE_CUDA):
@@ -43,19 +43,7 @@ def _on_gpu(rank, world, backend):
 
 @pytest.mark.parametrize("backend,world", SETUPS)
 def test_cuda_buckets_match_float64_simulation(backend, world):
-    results = run_ranks(_on_gpu, world, backend, backend=backend)
-    for c, (kind, cfg) in enumerate(CONFIGS):
-        ref = _simulate(kind, cfg, world, STEPS, PARAMS)
-        phases = results[0][c][1]["steps_by_phase"]
-        assert phases.get("compressed", 0) >= 4, (kind, cfg, phases)
-        for t in range(STEPS):
-            got = [results[r][c][0][t] for r in range(world)]
-            for r in range(1, world):
-                assert torch.equal(got[0], got[r]), f"{kind} {cfg}: ranks 0 and {r} differ at step {t + 1}"
-            err = (got[0].double() - ref[t]).abs().max() / ref[t].abs().max()
-            # the CPU tolerances, except that a world of one rounds nothing in the reduction
-            tol = TOLERANCE.get((cfg.get("wire", torch.bfloat16) if kind == "lore" else None, max(world, 2)), 1e-4)
-            assert err < tol, f"{backend} x{world} {kind} {cfg} step {t + 1}: relative error {err:.2e}"
+    check_against_simulation(run_ranks(_on_gpu, world, backend, backend=backend), world, f"{backend} x{world} ")
 
 
 def _train_ddp(rank, world, backend, compressor):

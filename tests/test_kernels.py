@@ -154,7 +154,10 @@ def test_probe_normal_strided_keys_and_empty():
     keys = torch.tensor(KEYS, dtype=torch.int64)[::2]
     out = K.probe_normal(keys, 4, 5)
     ref = torch.stack([probe_matrix(int(k), 4, 5) for k in keys])
-    assert (out.view(torch.int32).long() - ref.view(torch.int32).long()).abs().max().item() <= PROBE_ULPS
+    if (DEVICE or "").startswith("cuda"):
+        assert (out.view(torch.int32).long() - ref.view(torch.int32).long()).abs().max().item() <= PROBE_ULPS
+    else:  # the interpreter computes with numpy, as the reference does: the same bits
+        assert torch.equal(out, ref)
     assert K.probe_normal(keys, 0, 5).shape == (len(keys), 0, 5)
 
 
