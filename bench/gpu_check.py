@@ -147,7 +147,7 @@ def kernel_targets(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["impl"] != "triton":
             continue
-        shape = f"{r['B']}x{r['a']}x{r['b']}" + (f" r={r['r']}" if r["op"] in ("project_residual", "decompress") else "")
+        shape = f"{r['B']}x{r['a']}x{r['b']}" + (f" r={r['r']}" if r["op"] in ("range_sketch", "project_residual", "decompress") else "")
         if r["op"] in ("project_residual", "decompress"):
             ok = r["copy_frac"] >= 0.8 and r["speedup"] >= 2.0
             lines.append(f"{'met' if ok else 'MISSED'}: {r['op']} {shape}: {100 * r['copy_frac']:.0f}% of copy "

@@ -61,7 +61,7 @@ def parse_args(argv=None):
                    help="gradient (G, out) dtype; state is float32 (default bfloat16)")
     p.add_argument("--layout", default="contig", choices=["contig", "transposed"],
                    help="G and out as contiguous or transposed (bucket-view) matrices")
-    p.add_argument("--ops", default="probe_normal,score_paper,score_sketch,project_residual,decompress",
+    p.add_argument("--ops", default="probe_normal,score_paper,score_sketch,range_sketch,project_residual,decompress",
                    help="comma list of ops to run")
     p.add_argument("--precision", default=None, choices=["ieee", "tf32", "tf32x3"],
                    help="tl.dot precision for the Triton kernels (default: the kernels' default, ieee)")
@@ -136,10 +136,11 @@ def make_inputs(B, a, b, r, k, gdtype, layout, device, seed=0):
     P = U[:, :, :r].contiguous()
     R = torch.empty(B, r, b, device=device)
     Rbar = torch.randn(B, r, b, generator=g).to(device)
+    Q = torch.randn(B, r, b, generator=g).to(device)  # Lore's warm start
     out = mat(a, b, gdtype)
     keys = torch.randint(0, 2**62, (B,), generator=g).to(device)
     ok = torch.tensor(True, device=device)
-    return dict(G=G, E=E, U=U, P=P, R=R, Rbar=Rbar, out=out, keys=keys, ok=ok, k=k)
+    return dict(G=G, E=E, U=U, P=P, R=R, Rbar=Rbar, Q=Q, out=out, keys=keys, ok=ok, k=k)
 
 
 def min_bytes(op, B, a, b, r, k, gsize):
@@ -151,6 +152,8 @@ def min_bytes(op, B, a, b, r, k, gsize):
         return B * (a * b * (gsize + f) + a * a * f + a * f)
     if op == "score_sketch":
         return B * (a * b * (gsize + f) + a * a * f + a * k * f)
+    if op == "range_sketch":  # read G, E once, Q (bf16) once, write Y
+        return B * (a * b * (gsize + f) + r * b * f + a * r * f)
     if op == "project_residual":  # read G, E, P; write E, R
         return B * (a * b * (gsize + 2 * f) + a * r * f + r * b * f)
     if op == "decompress":  # read P, Rbar; write out
@@ -175,6 +178,8 @@ def unfused(op, x, k, probes):
             H = G.float() + E
             return torch.bmm(U.transpose(1, 2), torch.bmm(H, probes["sketch"]))
         return f
+    if op == "range_sketch":
+        return lambda: torch.bmm(G.float() + E, x["Q"].transpose(1, 2))
     if op == "project_residual":
         E2 = E.clone()
 
@@ -198,6 +203,7 @@ def fused(op, x, impl, K, precision):
             "probe_normal": lambda: o.probe_normal(keys, G.shape[1], G.shape[2]),
             "score_paper": lambda: o.score_paper(G, E, U, keys),
             "score_sketch": lambda: o.score_sketch(G, E, U, keys, k),
+            "range_sketch": lambda: o.range_sketch(G, E, x["Q"]),
             "project_residual": lambda: o.project_residual(G, E, P, x["R"], x["ok"]),
             "decompress": lambda: o.decompress(P, x["Rbar"], x["out"]),
         }
@@ -207,6 +213,7 @@ def fused(op, x, impl, K, precision):
         "probe_normal": lambda: K.probe_normal(keys, G.shape[1], G.shape[2]),
         "score_paper": lambda: K.score_paper(G, E, U, keys, **kw),
         "score_sketch": lambda: K.score_sketch(G, E, U, keys, k, **kw),
+        "range_sketch": lambda: K.range_sketch(G, E, x["Q"], **kw),
         "project_residual": lambda: K.project_residual(G, E, P, x["R"], x["ok"], **kw),
         "decompress": lambda: K.decompress(P, x["Rbar"], x["out"], **kw),
     }
@@ -228,6 +235,8 @@ def check_result(op, x, impl, K):
     elif op == "score_sketch":
         S = K.probe_normal(keys, b, k).double() if impl == "triton" else torch.ops.lorecomm.probe_normal(keys, b, k).double()
         ref, got = U.double().transpose(1, 2) @ (H @ S), fn()
+    elif op == "range_sketch":
+        ref, got = H @ x["Q"].double().transpose(1, 2), fn()
     elif op == "project_residual":
         E0 = E.clone()
         fn()
@@ -339,7 +348,7 @@ def main(argv=None):
                     rows.append(row)
                     tfl = "-" if flops is None else "%.2f" % row["tflops"]
                     pk = "-" if row["peak_frac"] is None else "%.0f%%" % (100 * row["peak_frac"])
-                    rr = r if op in ("project_residual", "decompress") else "-"
+                    rr = r if op in ("range_sketch", "project_residual", "decompress") else "-"
                     er = "-" if err is None else "%.1e" % err
                     print(f"| {op} | {im} | {B}x{a}x{b} | {rr} | {nbytes / 1e6:.2f} | {t * 1e3:.3f} "
                           f"| {gbs:.1f} | {100 * row['copy_frac']:.0f}% | {t_unf * 1e3:.3f} "

@@ -379,6 +379,10 @@ def test_bench_quick_runs_on_cpu():
                          capture_output=True, text=True, env=env, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "project_residual" in res.stdout and "decompress" in res.stdout
+    # every op of the compressed step, each checked against float64 (the last column)
+    for op in ("score_sketch", "range_sketch"):
+        rows = [line for line in res.stdout.splitlines() if line.startswith(f"| {op} |")]
+        assert rows and all(float(line.strip("| ").split("|")[-1]) < 1e-5 for line in rows), op
     assert "no speed claim" in res.stdout.lower()
 
 

@@ -106,7 +106,7 @@ def main():
     print(f"recorded {len(stream)} steps of {len(shapes)} matrices: {shapes}")
     for m in args.methods.split(","):
         lag, miss, b = evaluate(lambda s, m=m: make(m, 2, s, 0, 0), shapes, stream)
-        print(f"{m:34s} lag {lag:.4f}  miss {miss:.4f}  {b / 1e3:.1f} KB/step", flush=True)
+        print(f"{m:34s} lag {lag:.6f}  miss {miss:.6f}  {b / 1e3:.1f} KB/step", flush=True)
 
 
 if __name__ == "__main__":
