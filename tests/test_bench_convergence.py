@@ -54,6 +54,35 @@ def test_powersgd_byte_rule_matches_hand_count():
     assert powersgd_step_bytes(ps, 4) == 4 * (96 * 4 + 64 + 88 * 4 + 16)
 
 
+def _lore_bytes_counted(rank, world, lore_rank):
+    import lorecomm
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Flatten(), torch.nn.Linear(16 * 36, 40),
+                                torch.nn.Linear(40, 6))
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state = lorecomm.register(ddp, rank=lore_rank, explore=0.0, start_step=2, auto_dense=False)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(5):
+        ddp(torch.randn(4, 3, 8, 8, generator=g)).square().mean().backward()
+    st = state.stats()
+    return st["bytes_by_phase"]["compressed"] / st["steps_by_phase"]["compressed"], list(model.parameters())
+
+
+def test_lore_byte_rule_matches_what_the_engine_sends():
+    from convergence.methods import lore_rank_within, lore_step_bytes, powersgd_step_bytes
+    from distributed import run_ranks
+    for r in (3, 40):  # 40: the conv (16 x 27) and the head (6 x 40) go dense in bf16
+        (sent, params), _ = run_ranks(_lore_bytes_counted, 2, r)
+        assert sent == lore_step_bytes(params, r), (r, sent)
+    # Lore at a PowerSGD budget: the largest rank that fits
+    budget = powersgd_step_bytes(params, 4)
+    k = lore_rank_within(params, budget)
+    assert lore_step_bytes(params, k) <= budget < lore_step_bytes(params, k + 1), k
+    with pytest.raises(ValueError, match="over the budget"):
+        lore_rank_within(params, 10)
+
+
 def test_compare_main_job_tiny():
     out_prefix = os.path.join(BENCH, "results", "tmp", "test_compare")
     out = _run(["bench/compare.py", "--steps", "6", "--preset", "tiny", "--seq", "16", "--batch", "2",

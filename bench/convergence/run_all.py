@@ -34,10 +34,13 @@ from convergence.ddp_runner import run_ddp as train_ddp  # noqa: E402
 from convergence.diagnostics import __doc__ as DIAG_DOC, digits_diagnostic  # noqa: E402
 from convergence.report import (ddp_rows, fmt_bytes, frontier_points, markdown_table, plot_ddp,  # noqa: E402
                                 plot_frontier, plot_quadratics, plot_speedup)
-from convergence.tasks import pretrain_digits  # noqa: E402
+from convergence.methods import lore_rank_within, powersgd_step_bytes  # noqa: E402
+from convergence.tasks import make_task, pretrain_digits  # noqa: E402
 
 ABL = ["greedylore", "greedy-fixed", "greedy-random", "greedy-noef"]
 RLC = ["randk", "haar", "gaussian"]  # the randomized linear compressors of arXiv 2411.12898
+# a frontier's Lore ranks: for each PowerSGD budget, the largest Lore rank whose bytes fit in it
+MATCHED = "matched"
 
 
 def configs(quick: bool):
@@ -54,9 +57,9 @@ def configs(quick: bool):
             dg_adamw=["dense", "powersgd", "lore", *ABL, "randk"], dg_sgdm=["dense", "lore", "greedylore"],
             ft_spec={"task": "digits-finetune", "width": 8, "batch": 16}, ft=ft, ft_pre_steps=20,
             ft_methods=["dense", "lore", "greedylore"], ft_sgdm=["dense", "lore", "greedylore", "greedy-noef"],
-            frontier={"lm": {"powersgd": [2, 4], "lore": [4, 8], "greedylore": [4], "randk": [4]},
-                      "digits": {"powersgd": [1, 2], "lore": [2, 4], "greedylore": [2], "randk": [2]},
-                      "ft": {"powersgd": [1, 2], "lore": [2, 4], "greedylore": [2], "randk": [2]}},
+            frontier={"lm": {"powersgd": [2, 4], "lore": MATCHED, "greedylore": [4], "randk": [4]},
+                      "digits": {"powersgd": [1, 2], "lore": MATCHED, "greedylore": [2], "randk": [2]},
+                      "ft": {"powersgd": [1, 2], "lore": MATCHED, "greedylore": [2], "randk": [2]}},
             seeds=[1], seed_budget=dict(powersgd=4, lore=8),
             quad=dict(a=16, b=16, rank=2, N=2, sigma=0.3, target=0.2, steps=60, tau=10,
                       lrs=[1.0, 0.5, 0.25], other_opts={"sgdm": [0.1, 0.05], "adamw": [0.1, 0.03]},
@@ -77,12 +80,12 @@ def configs(quick: bool):
         ft_spec={"task": "digits-finetune", "width": 16, "batch": 32},
         ft=dict(steps=100, start_step=10, update_interval=30, rank=4, eval_every=10), ft_pre_steps=300,
         ft_methods=every, ft_sgdm=every,
-        # loss vs bytes: several budgets per method (Lore at 2x PowerSGD's rank sends its bytes)
-        frontier={"lm": {"powersgd": [2, 4, 8, 16], "lore": [4, 8, 16, 32], "greedylore": [4, 8, 16],
+        # loss vs bytes: several budgets per method; Lore at each PowerSGD budget's bytes (MATCHED)
+        frontier={"lm": {"powersgd": [2, 4, 8, 16], "lore": MATCHED, "greedylore": [4, 8, 16],
                          "randk": [4, 8]},
-                  "digits": {"powersgd": [1, 2, 4, 8], "lore": [2, 4, 8, 16], "greedylore": [2, 4, 8],
+                  "digits": {"powersgd": [1, 2, 4, 8], "lore": MATCHED, "greedylore": [2, 4, 8],
                              "randk": [2, 4]},
-                  "ft": {"powersgd": [1, 2, 4, 8], "lore": [2, 4, 8, 16], "greedylore": [2, 4, 8],
+                  "ft": {"powersgd": [1, 2, 4, 8], "lore": MATCHED, "greedylore": [2, 4, 8],
                          "randk": [2, 4]}},
         # more seeds of the LM at the headline budget (PowerSGD r = 8 bytes), both optimizers
         seeds=[1, 2, 3], seed_budget=dict(powersgd=8, lore=16),
@@ -118,6 +121,15 @@ def runs_for(kind, base, methods, opt, seed=0, clip=None):
 
 FRONTIER_BASE = {"lm": "lm", "digits": "dg", "ft": "ft"}
 ALL_WORKLOADS = "lm,digits,ft,frontier,seeds,quad,speed,diag"
+
+
+def matched_budgets(budgets, params):
+    """``budgets`` with Lore's ``MATCHED`` replaced by, for each PowerSGD rank, the largest Lore rank
+    whose bytes per step fit in that PowerSGD run's (both from the shapes, each by its own rule)."""
+    if budgets.get("lore") != MATCHED:
+        return budgets
+    return dict(budgets, lore=sorted({lore_rank_within(params, powersgd_step_bytes(params, r))
+                                      for r in budgets["powersgd"]}))
 
 
 def frontier_runs(kind, base, budgets, opt, seed=0, clip=None):
@@ -456,8 +468,9 @@ def main(argv=None):
                 pretrain_digits(pre, classes=range(5), steps=cfg["ft_pre_steps"], width=cfg["ft_spec"]["width"])
                 spec["pretrained"] = pre
             clip = 1.0 if key == "lm" else None
+            budgets = matched_budgets(cfg["frontier"][key], list(make_task(spec).build_model().parameters()))
             runs = [r for opt in ("adamw", "sgdm")
-                    for r in frontier_runs(key, cfg[sub], cfg["frontier"][key], opt, clip=clip)]
+                    for r in frontier_runs(key, cfg[sub], budgets, opt, clip=clip)]
             W["frontier"][key] = run_ddp(spec, runs, args.world_size, os.path.join(raw, f"{prefix}_frontier_{key}.json"),
                                          progress=prog)
         wall["frontier"] = elapsed(t0)
@@ -522,7 +535,7 @@ def write_report(W, cfg, wall, total, args, prefix):
     L = [f"# Convergence evidence (issues 5 and 11){' -- QUICK smoke-test sizes, not evidence' if args.quick else ''}", "",
          f"Produced by `{cmd}` in {total / 60:.1f} min on {os.cpu_count()} CPU cores (shared), "
          + (f"the runs of {', '.join(getattr(args, 'reused', []))} taken over (`--resume`) from the raw files of an "
-            "interrupted run of the same code (their original wall times counted), "
+            "earlier run with the same code and settings for those runs (their original wall times counted), "
             if getattr(args, "reused", None) else "") +
          f"torch {torch.__version__}, Python {platform.python_version()}. "
          "All numbers and plots below are written by that script; nothing is edited by hand. "
@@ -571,8 +584,9 @@ def write_report(W, cfg, wall, total, args, prefix):
         L += ["## 7. Loss vs bytes: several budgets per method (issue 11)", "",
               "Every workload of sections 1-3 under both optimizers, one run per (method, rank): torch's PowerSGD "
               "hook (unmodified) at r in " + ", ".join(str(r) for r in cfg["frontier"]["lm"]["powersgd"]) +
-              " (LM; digits and fine-tuning half those), Lore at twice those ranks (the same bytes: bf16 "
-              "factors), the paper's GreedyLore, rand-k (unbiased, no EF). Bytes = what one rank put into "
+              " (LM; digits and fine-tuning half those); Lore, for each of those budgets, at the largest rank whose "
+              "bytes per step fit in PowerSGD's (from the shapes: about twice PowerSGD's rank, since its factors "
+              "are bf16; more where torch's rule sends a matrix dense in fp32 that Lore sends in bf16); the paper's GreedyLore, rand-k (unbiased, no EF). Bytes = what one rank put into "
               "collectives per step after the dense warm-up, everything counted (Lore: sketch, factors, dense "
               "leftovers; GreedyLore: scores, factors, dense leftovers, refreshes and checksums amortised; "
               "PowerSGD: P and Q by torch's rule). Same seed, data and schedule as sections 1-3.", ""]
