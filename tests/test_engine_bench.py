@@ -3,6 +3,7 @@ each script run the way a user runs it (one command), output checked."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,8 +58,12 @@ def _netns_reason():
 
 @pytest.mark.skipif(_netns_reason() is not None, reason=str(_netns_reason()))
 def test_netem_smoke():
-    text = _run("netem.py", "--rates", "1gbit", "--methods", "dense", "lore", "greedylore", "--width", "128",
-                "--layers", "2", "--batch", "4", "--rank", "4", "--warmup", "3", "--steps", "2", timeout=180)
+    text = _run("netem.py", "--rates", "1gbit", "--methods", "dense", "powersgd", "lore", "greedylore", "--width",
+                "128", "--layers", "2", "--batch", "4", "--rank", "4", "--warmup", "3", "--steps", "2", "--repeats",
+                "2", timeout=300)
     assert "| 1gbit | dense |" in text and "| 1gbit | lore |" in text and "| 1gbit | greedylore |" in text
+    assert "every method run 2 times, interleaved" in text, text
+    # the targets give each repeat's ratio and their median
+    assert re.search(r"Lore vs dense [\d.]+x \(repeats: [\d.]+x, [\d.]+x; median\)", text), text
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "lcnet" not in out, "namespaces left behind"
