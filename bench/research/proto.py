@@ -2,7 +2,8 @@
 
 Spec strings: ``dense``, ``dense-bf16``, ``psgd:R`` (torch PowerSGD's algorithm), ``greedy:R`` (the
 paper's GreedyLore via lorecomm.simulate), and ``lore-<variant>:R[:key=val...]`` prototypes of the
-new default compressor (variants: two, gram, q1; keys: wire=fp32|bf16, explore=K, init=warm|rand).
+new default compressor (variants: two, gram, q1; keys: wire=fp32|bf16|int8, explore=K, init=warm|rand,
+order=svd|qr|rows: rows is the production step). int8: per-direction scales, all-gathered (see allreduce_mean).
 """
 from __future__ import annotations
 
@@ -14,18 +15,33 @@ F64 = torch.float64
 
 
 def wire_round(x, wire):
+    """x as it goes on the wire. int8: per-row scales (the row's max |x| / 127), round to nearest;
+    rows are a factor R's directions, a sketch's rows are passed transposed (see int8_rows)."""
+    if wire == "int8":
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-300) / 127
+        return (x / scale).round().clamp(-127, 127) * scale.float().to(F64)
     return x.to(torch.bfloat16).to(F64) if wire == "bf16" else x.float().to(F64) if wire == "fp32" else x
 
 
-def allreduce_mean(xs, wire):
-    """What every rank holds after a sum all-reduce of x_i / N in the wire dtype."""
+def allreduce_mean(xs, wire, int8_rows=True):
+    """What every rank holds after a sum all-reduce of x_i / N in the wire dtype. int8 cannot be
+    summed on the wire (per-rank scales): it is all-gathered and every rank averages the
+    dequantized values exactly; ``int8_rows=False`` puts the scales on columns instead."""
     N = len(xs)
+    if wire == "int8":
+        q = [wire_round(x, wire) if int8_rows else wire_round(x.t(), wire).t() for x in xs]
+        return sum(q) / N
     s = sum(wire_round(x / N, wire) for x in xs)
     return wire_round(s, wire)
 
 
 def wbytes(wire):
-    return 2 if wire == "bf16" else 4
+    return {"bf16": 2, "int8": 1}.get(wire, 4)
+
+
+def int8_scale_bytes(wire, rows):
+    """The fp32 scales int8 sends with ``rows`` rows (0 for other wires)."""
+    return 4 * rows if wire == "int8" else 0
 
 
 def gaussian(shape, seed, *keys):
@@ -125,6 +141,8 @@ class Lore(Base):
     def __init__(self, N, params, start_step, seed, rank, variant="gram", wire="bf16", explore=0, init="warm",
                  order="svd", ef="local", qexp=0, **kw):
         self.variant, self.explore, self.init, self.order, self.ef, self.qexp = variant, explore, init, order, ef, qexp
+        if wire == "int8":  # int8 is for the factors; dense leftovers go in bf16
+            kw.setdefault("dense_wire", "bf16")
         super().__init__(N, params, start_step, seed, rank, wire, **kw)
 
     def setup(self):
@@ -168,14 +186,14 @@ class Lore(Base):
                 Q[:, -self.qexp:] = gaussian((b, self.qexp), self.seed, p, self.t, 9) * Q[:, 0].norm() / b ** 0.5
             if self.order == "rows":  # production: drop the weakest rows of Q, append fresh random directions
                 k = min(self.explore, r - 1)
-                Y = allreduce_mean([h @ Q[:, :r - k] for h in hs], wire)
+                Y = allreduce_mean([h @ Q[:, :r - k] for h in hs], wire, int8_rows=False)
                 cols = [Y] + ([gaussian((a, k), self.seed, p, self.t, 7)] if k else [])
                 P = orth(torch.cat(cols, 1))
             else:
                 Y = allreduce_mean([h @ Q for h in hs], wire)
                 P = self.basis(p, Y)
             Rt = [wire_round(P.t() @ h, wire) for h in hs]
-            Rbar = allreduce_mean(Rt, wire)
+            Rbar = allreduce_mean(Rt, wire) if wire != "int8" else sum(Rt) / N  # Rt already on the wire
             out = P @ Rbar
             for i in range(N):
                 self.E[(i, p)] = hs[i] - (P @ Rt[i] if self.ef == "local" else out)
@@ -183,7 +201,7 @@ class Lore(Base):
             order = Rbar.norm(dim=1).argsort(descending=True)
             self.Q[p] = Rbar[order].t()
             k = min(self.explore, r - 1) if self.order == "rows" else 0
-            self.bytes_sent += wbytes(wire) * (a * (r - k) + r * b)
+            self.bytes_sent += wbytes(wire) * (a * (r - k) + r * b) + int8_scale_bytes(wire, 2 * r - k)
             return out
         P = self.P[p]
         Rt = [wire_round(P.t() @ h, wire) for h in hs]
