@@ -47,12 +47,12 @@ class LoreState(CommState):
             times the rate, stay below dense fp32's: wire_bytes (m + n) r rate < 4 m n
             (torch's PowerSGD rule on an fp32 wire).
         seed: seeds the random draws (same on every rank).
-        auto_dense: after ``AUTO_DENSE_STEPS`` compressed steps, compare their measured
-            cost with the dense warm-up steps' (CPU: training step wall time; CUDA: the
-            buckets' time on the engine's stream), averaged over the ranks so every rank
-            decides the same, and if compression does not pay send every bucket dense from
-            then on (error buffers flushed into the first dense step). Needs >= 3 warm-up
-            steps; ``stats()["auto_dense"]`` reports the measurement and the choice.
+        auto_dense: after ``AUTO_DENSE_STEPS`` compressed steps, send ``AUTO_DENSE_PROBE``
+            steps dense (error buffers flushed into the first), compare the measured cost of
+            the two kinds (CPU: training step wall time; CUDA: the buckets' time on the
+            engine's stream), averaged over the ranks so every rank decides the same, and if
+            compression does not pay send every bucket dense from then on, else compress
+            again. ``stats()["auto_dense"]`` reports the measurement and the choice.
         dense_name_patterns, dense_embeddings, grad_scaler: as ``CommState``; Lore
             compresses every matrix by default, embeddings included, as torch's
             PowerSGD does (measured: keeping the LM's embeddings dense cost more
@@ -61,6 +61,9 @@ class LoreState(CommState):
 
     #: compressed steps timed before auto_dense decides (the first one is not counted)
     AUTO_DENSE_STEPS = 8
+    #: then dense steps timed in the same steady state (the warm-up's are no baseline: first
+    #: iterations, TCP ramp-up and the tracker's seeding make them slower; measured on netem)
+    AUTO_DENSE_PROBE = 4
 
     PHASES = ("dense", "compressed")
 
@@ -92,6 +95,7 @@ class LoreState(CommState):
         self._timed: dict[str, list] = {}  # phase -> recent (last hand-over time, steps of its buckets)
         self._current: list = []  # steps of the optimizer step in progress
         self._decided = False
+        self._probing = False  # auto_dense's dense steps have begun
         self._auto: dict = {}  # the auto_dense decision
 
     def config(self) -> dict:
@@ -188,7 +192,11 @@ class LoreState(CommState):
 
     # --------------------------------------------------------------- phases
     def phase(self, t: int) -> str:
-        return "dense" if t <= self.start_step else "compressed"
+        probe = self.start_step + self.AUTO_DENSE_STEPS + 1  # auto_dense's dense steps start here
+        if t <= self.start_step or (self.auto_dense and not self._decided and
+                                    probe <= t < probe + self.AUTO_DENSE_PROBE):
+            return "dense"
+        return "compressed"
 
     def _step_for(self, phase: str, plan: BucketPlan, buffer: torch.Tensor, t: int):
         from . import _C
@@ -197,14 +205,17 @@ class LoreState(CommState):
         if phase == "dense":
             if t == self.start_step and batches:
                 return _C.LoreWarmupStep(buffer=buffer, batches=batches, seed=self.seed, step=t)
+            if t > self.start_step:  # auto_dense's probe: time dense steps from now on
+                if not self._probing:
+                    self._probing = True
+                    self._timed.pop("dense", None)  # the warm-up's timings are no baseline
+                return self._dense_flushed(plan, buffer, batches)
             return _C.DenseStep(buffer)
-        if self.auto_dense and not self._decided and t >= self.start_step + self.AUTO_DENSE_STEPS + 1:
+        if self.auto_dense and not self._decided and \
+                t >= self.start_step + self.AUTO_DENSE_STEPS + 1 + self.AUTO_DENSE_PROBE:
             self._decide_dense(buffer.device)
         if getattr(plan, "dense_by_choice", False):
-            if not plan.flushed:
-                plan.flushed = True
-                return _C.DenseStep(buffer, flush=batches)  # what the compressor still owed goes too
-            return _C.DenseStep(buffer)
+            return self._dense_flushed(plan, buffer, batches)
         if not batches:
             return _C.DenseStep(buffer, wire=self.wire)
         explore = 1 if coin(self.seed, t, _EXPLORE_COIN, self.explore) else 0
@@ -212,6 +223,16 @@ class LoreState(CommState):
                            explore=explore, seed=self.seed, step=t)
 
     # ------------------------------------------------------------ auto_dense
+    def _dense_flushed(self, plan: BucketPlan, buffer: torch.Tensor, batches):
+        """A dense step of a compressed bucket: the first one also sends what the compressor
+        still owed (the error buffers, then zero); later ones find them zero."""
+        from . import _C
+
+        if not getattr(plan, "flushed", False):
+            plan.flushed = True
+            return _C.DenseStep(buffer, flush=batches)
+        return _C.DenseStep(buffer)
+
     def _submitted(self, plan: BucketPlan, phase: str, step, is_last: bool) -> None:
         if not self.auto_dense or self._decided:
             return
@@ -232,8 +253,8 @@ class LoreState(CommState):
         return [b[0] - a[0] for a, b in zip(kept, kept[1:])]
 
     def _decide_dense(self, device) -> None:
-        """Every rank goes dense from now on if the compressed steps cost more than the dense
-        warm-up steps; the costs are averaged over the ranks (one small all-reduce, once), so
+        """Every rank goes dense from now on if the compressed steps cost more than the probe's
+        dense steps; the costs are averaged over the ranks (one small all-reduce, once), so
         all decide alike."""
         from . import _C
 
@@ -242,7 +263,7 @@ class LoreState(CommState):
         dense, comp = self._step_seconds("dense"), self._step_seconds("compressed")
         self._timed, self._current = {}, []
         if len(dense) < 2 or len(comp) < 2:
-            return  # too few warm-up steps to compare (start_step < 3): keep compressing
+            return  # too few timed steps of a kind to compare: keep compressing
 
         def median(xs):
             return sorted(xs)[len(xs) // 2]
@@ -256,8 +277,8 @@ class LoreState(CommState):
             self._collectives += step.collectives
         c, d = local.cpu().tolist()  # the one host read: the decision
         self._auto = {"compressed_step_s": c, "dense_step_s": d, "dense_from_now": c > d}
-        for plan in self._plans.values():
-            plan.dense_by_choice, plan.flushed = c > d, False
+        for plan in self._plans.values():  # flushed by the probe already: E stays zero going dense
+            plan.dense_by_choice = c > d
 
     def stats(self) -> dict:
         st = super().stats()

@@ -644,10 +644,13 @@ def _auto_dense(rank, world, comp_ms):
     state = lorecomm.LoreState(rank=2, start_step=3, min_compression_rate=1.0).bind(
         [(n, p) for (n, _), p in zip(shapes, ps)])
     g = torch.Generator().manual_seed(rank)
-    out = []
-    for t in range(1, 16):
+    out, timed_dense = [], None
+    probe = state.start_step + state.AUTO_DENSE_STEPS + 1  # the first of auto_dense's dense steps
+    for t in range(1, 20):
         bufs = [torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)]
-        if t == state.start_step + state.AUTO_DENSE_STEPS + 1:
+        if t == probe + state.AUTO_DENSE_PROBE:
+            # the probe's dense steps were timed, the warm-up's were not
+            timed_dense = len(state._timed.get("dense", []))
             # this machine's measured step times replaced by a known answer: dense steps 1 ms apart,
             # compressed steps comp_ms[rank] apart; the ranks decide on the mean
             state._timed = {"dense": [(i * 1e-3, []) for i in range(3)],
@@ -655,19 +658,28 @@ def _auto_dense(rank, world, comp_ms):
         for i, (buf, p) in enumerate(zip(bufs, ps)):
             state.reduce(buf, [p], None, i == 1)
         out.append((torch.cat(bufs), {n: bool(torch.count_nonzero(ts["E"])) for n, ts in state._param_tensors().items()}))
-    return out, state.stats()["auto_dense"]
+    return out, state.stats()["auto_dense"], timed_dense, state.stats()["steps_by_phase"]
 
 
 @pytest.mark.parametrize("comp_ms, dense", [((3.0, 1.0), True), ((1.5, 0.2), False)],
                          ids=["compression-does-not-pay", "rank0-alone-would-go-dense"])
 def test_auto_dense_decides_alike_on_every_rank(comp_ms, dense):
-    (o0, a0), (o1, a1) = run_ranks(_auto_dense, 2, comp_ms)
+    (o0, a0, timed0, phases0), (o1, a1, _, _) = run_ranks(_auto_dense, 2, comp_ms)
     assert a0 == a1 and a0["dense_from_now"] is dense, a0
     assert a0["compressed_step_s"] == pytest.approx(sum(comp_ms) / 2e3) and a0["dense_step_s"] == pytest.approx(1e-3)
     for (b0, _), (b1, _) in zip(o0, o1):
         assert torch.equal(b0, b1), "replicas differ"
-    decided = 3 + lorecomm.LoreState.AUTO_DENSE_STEPS + 1  # the step whose first bucket decides
+    K, D = lorecomm.LoreState.AUTO_DENSE_STEPS, lorecomm.LoreState.AUTO_DENSE_PROBE
+    probe = 3 + K + 1  # the probe: D dense steps after K compressed ones, timed (not the warm-up's 3)
+    assert timed0 == D, timed0
+    decided = probe + D  # the step whose first bucket decides
     for t, (_, nonzero) in enumerate(o0, start=1):
-        if t >= decided:
-            # dense: the error buffers were flushed into the first dense step and stay 0
+        if 3 < t < probe:
+            assert nonzero == {"w1": True, "w2": True}, (t, nonzero)  # compressing: E holds the residual
+        elif probe <= t < decided:
+            # the probe's dense steps: the error buffers were flushed into the first one
+            assert nonzero == {"w1": False, "w2": False}, (t, nonzero)
+        elif t >= decided:
+            # dense: E stays 0; compressing again: E holds the residual again
             assert nonzero == {"w1": not dense, "w2": not dense}, (t, nonzero)
+    assert phases0["dense"] == 3 + D and phases0["compressed"] == 19 - 3 - D, phases0
