@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .plan import DEFAULT_DENSE_PATTERNS, Batch, BucketPlan, lore_rank, matrix_shape
+from .plan import DEFAULT_DENSE_PATTERNS, Batch, BucketPlan, lore_rank, lore_step_bytes, matrix_shape
 from .probes import coin
 from .state import CommState, check_bool, check_int, check_positive
 
@@ -134,17 +134,8 @@ class LoreState(CommState):
                 out[name] = lore_rank(mn[0], mn[1], want, self.min_compression_rate, wb)
             return out
 
-        def cost(ranks) -> float:
-            sent = 0
-            for name, shape in named.items():
-                r = ranks[name]
-                if r is None:
-                    sent += wb * torch.Size(shape).numel()
-                else:
-                    m, n = matrix_shape(shape)
-                    a, b = min(m, n), max(m, n)
-                    sent += wb * (a + b) * r
-            return sent
+        def cost(ranks) -> int:
+            return lore_step_bytes(((shape, ranks[name]) for name, shape in named.items()), wb)
 
         lo, hi = 1.0, 1e6  # compression factor per matrix: cost decreases as s grows
         if cost(ranks_at(hi)) > budget:

@@ -56,29 +56,30 @@ def powersgd_step_bytes(params, rank: int, min_compression_rate: float = 2.0) ->
 
 
 def lore_step_bytes(params, rank: int, min_compression_rate: float = 2.0, wire_bytes: int = 2) -> int:
-    """Bytes Lore (``lorecomm.LoreState(rank=rank)``, bf16 wire) sends per compressed step, from the
-    shapes by lorecomm's own planning rule (``lore_rank``): sketch and factors, wire_bytes * (a + b) * r
-    per compressed matrix, every other tensor dense on the wire. A step that explores sends a r fewer
-    sketch entries per matrix, so this is the most any step sends."""
-    from lorecomm.plan import lore_rank, matrix_shape
-    total = 0
+    """Bytes Lore (``lorecomm.LoreState(rank=rank)``, bf16 wire) sends per compressed step: each
+    matrix at the rank lorecomm's planning rule gives it (``lore_rank``), counted by lorecomm's own
+    ``lore_step_bytes``, the rule ``compression=`` budgets with."""
+    from lorecomm.plan import lore_rank, lore_step_bytes as step_bytes, matrix_shape
+    ranks = []
     for p in params:
         mn = matrix_shape(tuple(p.shape))
-        r = lore_rank(mn[0], mn[1], rank, min_compression_rate, wire_bytes) if mn else None
-        total += wire_bytes * ((mn[0] + mn[1]) * r if r else p.numel())
-    return total
+        ranks.append((tuple(p.shape), lore_rank(*mn, rank, min_compression_rate, wire_bytes) if mn else None))
+    return step_bytes(ranks, wire_bytes)
 
 
 def lore_rank_within(params, budget: int, **kw) -> int:
     """The largest Lore rank whose bytes per step (``lore_step_bytes``) fit in ``budget``: Lore at a
     PowerSGD run's bytes (about twice its rank: bf16 factors; more where torch's rule sends a matrix
-    dense in fp32 that Lore sends in bf16)."""
-    r = 1
-    while r < 4096 and lore_step_bytes(params, r + 1, **kw) <= budget and \
-            lore_step_bytes(params, r + 1, **kw) > lore_step_bytes(params, r, **kw):
-        r += 1
-    if lore_step_bytes(params, r, **kw) > budget:
-        raise ValueError(f"even rank 1 sends {lore_step_bytes(params, 1, **kw)} bytes, over the budget {budget}")
+    dense in fp32 that Lore sends in bf16). Stops where a higher rank sends no more (every matrix
+    capped or dense)."""
+    r, sent = 1, lore_step_bytes(params, 1, **kw)
+    if sent > budget:
+        raise ValueError(f"even rank 1 sends {sent} bytes, over the budget {budget}")
+    while r < 4096:
+        more = lore_step_bytes(params, r + 1, **kw)
+        if more > budget or more <= sent:
+            break
+        r, sent = r + 1, more
     return r
 
 
