@@ -3,7 +3,8 @@
 Spec strings: ``dense``, ``dense-bf16``, ``psgd:R`` (torch PowerSGD's algorithm), ``greedy:R`` (the
 paper's GreedyLore via lorecomm.simulate), and ``lore-<variant>:R[:key=val...]`` prototypes of the
 new default compressor (variants: two, gram, q1; keys: wire=fp32|bf16|int8, explore=K, init=warm|rand,
-order=svd|qr|rows: rows is the production step). int8: per-direction scales, all-gathered (see allreduce_mean).
+order=svd|qr|rows: rows is the production step; alloc=shape|energy|share, every=K, grow=F: ranks moved
+between matrices by energy per byte, see Lore.__init__). int8: per-direction scales, all-gathered (see allreduce_mean).
 """
 from __future__ import annotations
 
@@ -139,8 +140,15 @@ class PowerSGD(Base):
 
 class Lore(Base):
     def __init__(self, N, params, start_step, seed, rank, variant="gram", wire="bf16", explore=0, init="warm",
-                 order="svd", ef="local", qexp=0, **kw):
+                 order="svd", ef="local", qexp=0, alloc="shape", every=10, grow=0.5, **kw):
         self.variant, self.explore, self.init, self.order, self.ef, self.qexp = variant, explore, init, order, ef, qexp
+        # alloc=energy|share (variant two): every ``every`` steps the directions move between matrices
+        # at constant bytes, to the ones whose weakest tracked direction carries the most energy per
+        # byte (``energy``: absolute, from the shared Rbar rows; ``share``: as a fraction of the
+        # matrix's averaged-gradient energy); a direction not tracked yet is valued at ``grow`` x the
+        # weakest tracked one, so a matrix grows only where that clearly pays
+        self.alloc, self.every, self.grow = alloc, every, grow
+        self.S, self.tot = {}, {}
         if wire == "int8":  # int8 is for the factors; dense leftovers go in bf16
             kw.setdefault("dense_wire", "bf16")
         super().__init__(N, params, start_step, seed, rank, wire, **kw)
@@ -200,6 +208,9 @@ class Lore(Base):
             # next Q: rows of Rbar by energy, most energetic first
             order = Rbar.norm(dim=1).argsort(descending=True)
             self.Q[p] = Rbar[order].t()
+            if self.alloc != "shape":
+                self.S[p] = Rbar[order].pow(2).sum(1)
+                self.tot[p] = (sum(hs) / N).pow(2).sum()
             k = min(self.explore, r - 1) if self.order == "rows" else 0
             self.bytes_sent += wbytes(wire) * (a * (r - k) + r * b) + int8_scale_bytes(wire, 2 * r - k)
             return out
@@ -219,6 +230,40 @@ class Lore(Base):
         self.P[p] = self.basis(p, Y)
         self.bytes_sent += wbytes(wire) * (a * r + r * b)
         return P @ Rbar
+
+
+    def step(self, grads):
+        out = super().step(grads)
+        if self.alloc != "shape" and self.t > self.start and (self.t - self.start) % self.every == 0:
+            self.reallocate()
+        return out
+
+    def reallocate(self):
+        """Ranks by energy per byte at the same total bytes; every rank computes the same from Rbar."""
+        cost = {p: sum(self.a_b(p)) for p in self.mats}
+        budget = sum(cost[p] * r for p, r in self.mats.items())
+        cand = []
+        for p, r in self.mats.items():
+            a, b = self.a_b(p)
+            s = self.S[p] / (self.tot[p] if self.alloc == "share" else 1.0)
+            vals = s.tolist() + [float(s[-1]) * self.grow ** (j + 1) for j in range(min(r, a - r))]
+            cand += [(v / cost[p], -j, p) for j, v in enumerate(vals)]
+        new = {p: 1 for p in self.mats}
+        spent = sum(cost[p] for p in self.mats)
+        for v, negj, p in sorted(cand, reverse=True):
+            if -negj == 0:
+                continue  # rank 1 is the floor, already counted
+            if -negj == new[p] and spent + cost[p] <= budget:
+                new[p] += 1
+                spent += cost[p]
+        for p, r in new.items():
+            Q, old = self.Q[p], self.mats[p]
+            if r < old:
+                self.Q[p] = Q[:, :r]
+            elif r > old:
+                fresh = gaussian((Q.shape[0], r - old), self.seed, p, self.t, 11) * (Q[:, -1].norm() / Q.shape[0] ** 0.5)
+                self.Q[p] = torch.cat([Q, fresh], 1)
+            self.mats[p] = r
 
 
 class Greedy:
