@@ -52,7 +52,7 @@ def build_parser():
                    help="output prefix: writes OUT.png (plot) and OUT.json (all numbers); "
                         "default bench/results/compare")
     p.add_argument("--rank", type=int, default=8, help="PowerSGD / GreedyLore rank r (default 8)")
-    p.add_argument("--lore-rank", type=int, default=None, help="Lore's rank (default 2 r: PowerSGD's bytes)")
+    p.add_argument("--lore-rank", type=int, default=None, help="Lore's rank (default: the largest whose bytes per step fit in PowerSGD r's, about 2 r)")
     p.add_argument("--start-step", type=int, default=None, help="dense warm-up steps (default steps/5)")
     p.add_argument("--update-interval", type=int, default=None, help="GreedyLore tau (default steps/4)")
     p.add_argument("--optimizer", choices=("adamw", "sgdm"), default="adamw")
@@ -80,7 +80,7 @@ def main(argv=None):
                 clip=1.0)
     runs = [dict(base, method=m, label=m) for m in methods]
     print(f"lorecomm compare: {len(runs)} methods x {args.steps} steps on {args.world_size} Gloo ranks; "
-          f"rank {args.rank} (Lore {args.lore_rank or 2 * args.rank}), compression from step {start + 1}, "
+          f"rank {args.rank} (Lore {args.lore_rank or 'at its bytes'}), compression from step {start + 1}, "
           f"GreedyLore tau {tau}", flush=True)
     t0 = time.time()
     res = run_ddp(spec, runs, args.world_size, args.out + ".json", progress=not args.no_progress)

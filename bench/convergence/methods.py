@@ -13,7 +13,8 @@ step (``Method.bytes_sent()``), so dense, torch PowerSGD and lorecomm are counte
   as ``shape[0] x rest``, (m + n) * r' * 4 bytes if torch compresses it
   (m * n > (m + n) * r' * min_compression_rate, r' = min(m, n, r)) else 4 * numel.
 - ``lore``: lorecomm's default compressor (``lorecomm.register(ddp, rank=...)``) at rank
-  ``lore_rank`` (default twice ``rank``: its bf16 factors then send PowerSGD's bytes at ``rank``),
+  ``lore_rank`` (default ``lore_rank_within`` PowerSGD's bytes at ``rank``: about twice ``rank``, since its
+  factors are bf16),
   every matrix compressed as PowerSGD does (no dense embeddings); bytes from ``state.stats()``.
 - ``greedylore`` / ``greedy-fixed`` / ``greedy-random`` / ``greedy-noef``: ``lorecomm.register``
   with selection greedy / fixed / random, or error feedback off; bytes from ``state.stats()``.
@@ -110,7 +111,8 @@ class Method:
         elif name == LORE:
             import lorecomm
             # auto_dense off: these runs compare quality at equal bytes (on loopback dense is faster)
-            kw = dict(rank=cfg.get("lore_rank") or 2 * r, start_step=start, seed=cfg.get("seed", 0),
+            kw = dict(rank=cfg.get("lore_rank") or lore_rank_within(self.params, powersgd_step_bytes(self.params, r)),
+                      start_step=start, seed=cfg.get("seed", 0),
                       auto_dense=False)
             for k in ("min_compression_rate", "explore"):
                 if k in cfg:
