@@ -31,7 +31,8 @@ def hook_for(state: CommState):
     for cls, hook in _HOOKS.items():
         if isinstance(state, cls):
             return hook
-    raise TypeError(f"no lorecomm hook for {type(state).__name__}")
+    raise TypeError(f"no lorecomm hook for {type(state).__name__}: state must be one of "
+                    f"{', '.join(c.__name__ for c in _HOOKS)} (or a subclass)")
 
 
 def register(ddp_model, state: CommState | None = None, compressor: str = "lore", **config) -> CommState:
@@ -54,7 +55,9 @@ def register(ddp_model, state: CommState | None = None, compressor: str = "lore"
         config.setdefault("process_group", ddp_model.process_group)
         state = COMPRESSORS[compressor](**config)
     elif config or compressor != "lore":
-        raise ValueError(f"pass either a state or compressor/config keywords, not both (got {sorted(config)})")
+        given = sorted(config) + ([f"compressor={compressor!r}"] if compressor != "lore" else [])
+        raise ValueError(f"pass either state= or compressor/config keywords, not both (got state= and "
+                         f"{', '.join(given)}): configure the state itself, or drop state=")
     state.bind(ddp_model)
     ddp_model.register_comm_hook(state, hook_for(state))
     return state

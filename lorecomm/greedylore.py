@@ -86,11 +86,6 @@ class GreedyLoreState(CommState):
             selection=self.selection, sketch_k=self.sketch_size if self.probes == "sketch" else 0,
             error_feedback=self.error_feedback, seed=self.seed, step=t)
 
-    def stats(self) -> dict:
-        st = super().stats()
-        st["basis_repairs"] = self._repairs
-        return st
-
 
 def greedylore_hook(state: GreedyLoreState, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: ``ddp_model.register_comm_hook(state, greedylore_hook)``."""

@@ -209,9 +209,12 @@ def build_plan(
         covered.append((offset, offset + size))
 
     covered.sort()
+    names = {slot.offset: slot.name for slot, _ in slots}
     for (s0, e0), (s1, _) in zip(covered, covered[1:]):
         if s1 < e0:
-            raise ValueError("two compressed gradients overlap in the bucket")
+            raise ValueError(
+                f"the gradients of {names[s0]!r} (elements {s0}..{e0}) and {names[s1]!r} (from {s1}) overlap "
+                f"in the bucket: check the offsets passed to reduce() (each gradient needs its own range)")
 
     plan = BucketPlan(numel=numel, param_ids=tuple(pid for pid, _, _, _ in params))
     plan.batches = _batch_same_shapes(slots)

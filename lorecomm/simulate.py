@@ -253,7 +253,10 @@ class SimulatedRandomLinear(_Simulated):
                  dense_name_patterns=DEFAULT_DENSE_PATTERNS):
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
                          start_step)
-        self.kind = kind
+        from .random_linear import KINDS
+        from .state import check_choice
+
+        self.kind = check_choice("kind", kind, KINDS)
 
     def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
         a, b = hs[0].shape

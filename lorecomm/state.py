@@ -15,7 +15,7 @@ import gc
 import numbers
 import threading
 import weakref
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_patterns(name: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+    if isinstance(value, str) or not isinstance(value, Iterable) or not all(isinstance(p, str) for p in value):
         raise ValueError(f"{name} must be a sequence of strings, e.g. ('embed', 'lm_head'); got {value!r}")
     return tuple(value)
 
@@ -222,7 +222,10 @@ class CommState:
         """The bucket's plan (checked input; built once per bucket layout). ``shapes``: each
         gradient's shape in the bucket when it is not its parameter's (a shard, under FSDP)."""
         if not isinstance(buffer, torch.Tensor) or buffer.dim() != 1 or not buffer.is_contiguous():
-            raise ValueError("buffer must be a contiguous 1-D gradient tensor")
+            what = (f"a {'non-contiguous ' if not buffer.is_contiguous() else ''}{buffer.dim()}-D tensor"
+                    if isinstance(buffer, torch.Tensor) else type(buffer).__name__)
+            raise ValueError(f"buffer must be a contiguous 1-D gradient tensor, got {what}: pass the flat "
+                             f"bucket (e.g. bucket.buffer()) or tensor.reshape(-1)")
         if buffer.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"buffer dtype must be float32, bfloat16 or float16, got {buffer.dtype}")
         if not self._params:
@@ -442,6 +445,7 @@ class CommState:
             "bytes_sent": self._bytes_sent,
             "bytes_dense": self._bytes_dense,
             "collectives": self._collectives,
+            "repairs": self._repairs,
             "compression_ratio": self._bytes_dense / self._bytes_sent if self._bytes_sent else 1.0,
             "bytes_per_step": self._bytes_sent / steps if steps else 0.0,
             "bytes_by_phase": dict(self._bytes_by_phase),
@@ -496,7 +500,8 @@ class CommState:
                 f"(or start a new state)")
         if sd["config"] != self.config():
             diff = {k: (sd["config"].get(k), v) for k, v in self.config().items() if sd["config"].get(k) != v}
-            raise ValueError(f"state_dict config differs from this state's (saved, current): {diff}")
+            raise ValueError(f"state_dict config differs from this state's (saved, current): {diff}; build the "
+                             f"state with the saved configuration (state_dict()['config']) to resume from it")
         if self._params:  # bound: every saved parameter must exist, or its state would silently vanish
             known = {name for _, name in self._params.values()}
             unknown = sorted(set(sd["params"]) - known)

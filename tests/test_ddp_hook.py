@@ -245,7 +245,7 @@ def _perturbed_basis(rank, world):
         if t == 2:
             refresh_bytes = state.stats()["bytes_sent"] - bytes_before_refresh
     U = torch.stack([state._param_tensors()[n]["U"] for n in ("w", "v")])
-    repairs = state.stats()["basis_repairs"]
+    repairs = state.stats()["repairs"]
     # on demand: a basis that drifted on one rank between refreshes is found and repaired
     if rank == 1:
         state._param_tensors()["v"]["U"][0, 0] += 1e-3
@@ -264,6 +264,31 @@ def test_perturbed_basis_is_detected_and_repaired():
     assert torch.equal(res[0][4], res[1][4]) and torch.equal(res[0][4], res[0][0])
     numel = 2 * 16 * 24
     assert res[0][2] == 4 * numel + 2 * 2 * 8 + 2 * 16 * 16 * 4  # refresh + checksums + broadcast
+
+
+def _lore_drifted_warm_start(rank, world):
+    params = [("w", (16, 24)), ("v", (16, 24))]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in params]
+    state = lorecomm.LoreState(rank=3, start_step=1, min_compression_rate=1.0, auto_dense=False).bind(
+        [(n, p) for (n, _), p in zip(params, ps)])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        state.reduce(torch.randn(2 * 16 * 24, generator=g) + rank, ps)
+    (Q,) = [b.tensors["Q"] for p in state._plans.values() for b in p.batches]
+    before = Q.clone()
+    if rank == 1:  # this rank's warm start drifted (as a bit flip or a non-deterministic kernel would)
+        Q[1, 0, 0] += 1e-3
+    found = (state.check_consistency(), state.check_consistency())
+    return before, Q.clone(), found, state.stats()["repairs"]
+
+
+def test_lore_warm_start_drift_is_detected_and_repaired():
+    res = run_ranks(_lore_drifted_warm_start, 2)
+    assert torch.equal(res[0][0], res[1][0]), "Lore's warm start must be bit-identical before the drift"
+    # one batch (two same-shape matrices) repaired, then nothing left; rank 0's factors win
+    assert res[0][2] == res[1][2] == (1, 0)
+    assert res[0][3] == res[1][3] == 1, "stats()['repairs'] counts check_consistency()'s repairs"
+    assert torch.equal(res[0][1], res[1][1]) and torch.equal(res[1][1], res[0][0])
 
 
 # --- bucket re-layout -------------------------------------------------------------------
@@ -422,11 +447,28 @@ def test_loading_with_another_world_size_fails_clearly():
     (dict(error_feedback="yes"), "error_feedback must be True or False"),
     (dict(seed=-3), "seed must be an integer >= 0"),
     (dict(dense_name_patterns="embed"), "dense_name_patterns must be a sequence of strings"),
+    (dict(dense_name_patterns=None), "dense_name_patterns must be a sequence of strings"),
     (dict(process_group="world"), "process_group must be a torch.distributed.ProcessGroup"),
 ])
 def test_invalid_configuration_names_the_argument(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         lorecomm.GreedyLoreState(**kwargs)
+
+
+def test_misuse_of_the_entry_points_names_the_argument_and_the_fix():
+    from lorecomm.plan import build_plan
+    from lorecomm.simulate import SimulatedRandomLinear
+
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    state = lorecomm.LoreState(rank=2).bind([("w", w)])
+    with pytest.raises(ValueError, match=r"contiguous 1-D gradient tensor, got a 2-D tensor: pass the flat bucket"):
+        state.reduce(torch.zeros(4, 4), [w])
+    with pytest.raises(ValueError, match=r"'w' \(elements 0..16\) and 'v' \(from 8\) overlap .* check the offsets"):
+        build_plan(32, [(0, "w", (4, 4), 0), (1, "v", (4, 4), 8)], lambda m, n, name, pid: 2)
+    with pytest.raises(ValueError, match="kind must be one of 'randk', 'haar', 'gaussian'"):
+        SimulatedRandomLinear(2, [("w", (4, 4))], kind="gauss")
+    with pytest.raises(TypeError, match="state must be one of LoreState, GreedyLoreState"):
+        lorecomm.hook_for(object())
 
 
 def test_numpy_integers_and_floats_are_accepted():

@@ -102,7 +102,8 @@ class _Controller:
             p = by_ptr.get((g.data_ptr(), g.dtype))
             if p is None or p.grad.shape != g.shape:
                 raise RuntimeError("lorecomm.integrations.deepspeed: a gradient handed to allreduce_no_retain is "
-                                   "not a parameter's .grad (mixed-precision or ZeRO optimizers are not supported)")
+                                   "not a parameter's .grad: an optimizer that reduces its own buffers (bf16 without ZeRO, 1-bit "
+                                   "optimizers) is not supported; use bf16 with ZeRO stage 1 or 2, or an fp32 engine")
             params.append(p)
         return params
 
@@ -172,7 +173,8 @@ def register(engine, state=None, **config):
     if engine.fp16_enabled():
         raise NotImplementedError(
             "fp16 DeepSpeed engines are not supported: fp16 loss scaling would store scaled gradients in the "
-            "error-feedback buffer (and keep those of the steps the scaler skips); use bf16 or fp32")
+            "error-feedback buffer (and keep those of the steps the scaler skips); use bf16 with ZeRO stage 1 or 2, "
+            "or fp32")
     if engine.bfloat16_enabled() and stage == 0:
         raise NotImplementedError(
             "bf16 without ZeRO is not supported: the BF16 optimizer reduces its own fp32 accumulation buffers "
