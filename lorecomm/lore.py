@@ -52,7 +52,8 @@ class LoreState(CommState):
             the two kinds (CPU: training step wall time; CUDA: the buckets' time on the
             engine's stream), averaged over the ranks so every rank decides the same, and if
             compression does not pay send every bucket dense from then on, else compress
-            again. ``stats()["auto_dense"]`` reports the measurement and the choice.
+            again. ``stats()["auto_dense"]`` reports the measurement and the choice; the
+            choice is saved by ``state_dict()``, and a run resumed before it times afresh.
         dense_name_patterns, dense_embeddings, grad_scaler: as ``CommState``; Lore
             compresses every matrix by default, embeddings included, as torch's
             PowerSGD does (measured: keeping the LM's embeddings dense cost more
@@ -95,6 +96,8 @@ class LoreState(CommState):
         self._timed: dict[str, list] = {}  # phase -> recent (last hand-over time, steps of its buckets)
         self._current: list = []  # steps of the optimizer step in progress
         self._decided = False
+        self._dense_by_choice = False  # auto_dense decided: every bucket dense from now on
+        self._auto_start = self.start_step  # auto_dense times the steps after this one
         self._probing = False  # auto_dense's dense steps have begun
         self._auto: dict = {}  # the auto_dense decision
 
@@ -183,7 +186,7 @@ class LoreState(CommState):
 
     # --------------------------------------------------------------- phases
     def phase(self, t: int) -> str:
-        probe = self.start_step + self.AUTO_DENSE_STEPS + 1  # auto_dense's dense steps start here
+        probe = self._auto_start + self.AUTO_DENSE_STEPS + 1  # auto_dense's dense steps start here
         if t <= self.start_step or (self.auto_dense and not self._decided and
                                     probe <= t < probe + self.AUTO_DENSE_PROBE):
             return "dense"
@@ -203,9 +206,9 @@ class LoreState(CommState):
                 return self._dense_flushed(plan, buffer, batches)
             return _C.DenseStep(buffer)
         if self.auto_dense and not self._decided and \
-                t >= self.start_step + self.AUTO_DENSE_STEPS + 1 + self.AUTO_DENSE_PROBE:
+                t >= self._auto_start + self.AUTO_DENSE_STEPS + 1 + self.AUTO_DENSE_PROBE:
             self._decide_dense(buffer.device)
-        if getattr(plan, "dense_by_choice", False):
+        if self._dense_by_choice:
             return self._dense_flushed(plan, buffer, batches)
         if not batches:
             return _C.DenseStep(buffer, wire=self.wire)
@@ -268,8 +271,20 @@ class LoreState(CommState):
             self._collectives += step.collectives
         c, d = local.cpu().tolist()  # the one host read: the decision
         self._auto = {"compressed_step_s": c, "dense_step_s": d, "dense_from_now": c > d}
-        for plan in self._plans.values():  # flushed by the probe already: E stays zero going dense
-            plan.dense_by_choice = c > d
+        self._dense_by_choice = c > d  # the probe flushed E already: it stays zero going dense
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "auto_dense": {"decided": self._decided, "measured": dict(self._auto)}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        saved = sd.get("auto_dense", {"decided": False, "measured": {}})
+        self._decided, self._auto = saved["decided"], dict(saved["measured"])
+        self._dense_by_choice = bool(self._auto.get("dense_from_now", False))
+        self._timed, self._current, self._probing = {}, [], False
+        # not decided yet: the timings did not survive, so time afresh from the resumed step
+        # (every rank resumed the same step: load_state_dict checked it)
+        self._auto_start = self.start_step if self._decided else max(self.start_step, self.step)
 
     def stats(self) -> dict:
         st = super().stats()

@@ -725,3 +725,48 @@ def test_auto_dense_decides_alike_on_every_rank(comp_ms, dense):
             # dense: E stays 0; compressing again: E holds the residual again
             assert nonzero == {"w1": not dense, "w2": not dense}, (t, nonzero)
     assert phases0["dense"] == 3 + D and phases0["compressed"] == 19 - 3 - D, phases0
+
+
+def _auto_dense_resumed(rank, world, save_at):
+    shapes = [("w1", (16, 24)), ("w2", (20, 30))]
+
+    def fresh():
+        ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
+        return lorecomm.LoreState(rank=2, start_step=3, min_compression_rate=1.0).bind(
+            [(n, p) for (n, _), p in zip(shapes, ps)]), ps
+
+    state, ps = fresh()
+    K, D = state.AUTO_DENSE_STEPS, state.AUTO_DENSE_PROBE
+    g = torch.Generator().manual_seed(rank)
+    # where auto_dense's timing starts: the warm-up's end, or the resumed step if it had not decided
+    origin = 3 if save_at >= 3 + K + 1 + D else max(3, save_at)
+    out = []
+    for t in range(1, 27):
+        if t == save_at + 1:
+            sd = state.state_dict()
+            state, ps = fresh()
+            state.load_state_dict(sd)
+        if t == origin + K + 1 + D:  # the deciding step: compressed steps measured 3x the dense ones
+            state._timed = {"dense": [(i * 1e-3, []) for i in range(3)],
+                            "compressed": [(i * 3e-3, []) for i in range(8)]}
+        bufs = [torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)]
+        for i, (buf, p) in enumerate(zip(bufs, ps)):
+            state.reduce(buf, [p], None, i == 1)
+        out.append((torch.cat(bufs), any(bool(torch.count_nonzero(ts["E"])) for ts in state._param_tensors().values())))
+    return out, state.stats()["auto_dense"]
+
+
+@pytest.mark.parametrize("save_at", [20, 6], ids=["after-the-decision", "before-the-decision"])
+def test_auto_dense_decision_survives_a_resume(save_at):
+    """A run resumed after auto_dense chose dense stays dense (the choice is in state_dict); one
+    resumed before the choice times afresh from the resumed step (the timings are not saved)."""
+    (o0, a0), (o1, a1) = run_ranks(_auto_dense_resumed, 2, save_at)
+    assert a0 == a1 and a0["dense_from_now"] is True, a0
+    for (b0, _), (b1, _) in zip(o0, o1):
+        assert torch.equal(b0, b1), "replicas differ"
+    K, D = lorecomm.LoreState.AUTO_DENSE_STEPS, lorecomm.LoreState.AUTO_DENSE_PROBE
+    origin = 3 if save_at == 20 else save_at
+    probe = origin + K + 1
+    compressing = [t for t, (_, nonzero) in enumerate(o0, start=1) if nonzero]
+    # E holds a residual exactly on the compressed steps: after the warm-up until the probe, then never
+    assert compressing == list(range(4, probe)), (compressing, probe)
