@@ -104,7 +104,8 @@ LORECOMM_PYBIND(engine) {
              s->flush = std::move(flush);
              return s;
            }),
-           py::arg("buffer"), py::arg("wire") = py::none(), py::arg("flush") = std::vector<st::Batch>());
+           py::arg("buffer"), py::arg("wire") = py::none(), py::arg("flush") = std::vector<st::Batch>())
+      .def_readonly("ok", &st::DenseStep::ok);
 
   py::class_<st::GreedyLoreStep, Step, std::shared_ptr<st::GreedyLoreStep>>(m, "GreedyLoreStep")
       .def(py::init([](bool refresh, at::Tensor buffer, std::vector<st::Batch> batches, st::Ranges dense_ranges,

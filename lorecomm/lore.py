@@ -3,7 +3,7 @@
 A warm-started range tracker (PowerSGD's power step) with error feedback,
 low-precision factors whose rounding error stays in the error buffer, and k
 fresh random directions per matrix per step that make it a contraction for
-every gradient (ALGORITHM.md, "Lore"). Two collectives per bucket (the
+every gradient (docs/LORE.md). Two collectives per bucket (the
 sketch, then the factors with the dense leftovers), no SVD, no refresh, and
 state of the size of the gradient plus r x b per matrix.
 
@@ -39,7 +39,8 @@ class LoreState(CommState):
             directions a fresh random one (a coin every rank flips alike): the
             compressor then contracts every gradient, whatever the tracked
             subspace, by delta = p / (a - r + 1) in expectation (0: no random
-            directions, no guarantee). The default costs ~1/8 of one direction.
+            directions, no guarantee; nor at r = 1, where the one direction stays
+            the tracked one). The default costs ~1/8 of one direction.
         wire: dtype of the sketch, factors and dense leftovers on the wire
             (bf16 default: twice the rank of fp32 at the same bytes).
         start_step: dense (fp32) warm-up steps; the last one seeds the tracker.
@@ -162,16 +163,16 @@ class LoreState(CommState):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         module = model.module if isinstance(model, DDP) else model
-        return [(p, self._params[id(p)]) for p in module.parameters()]
+        return [(p, self._params[id(p)]) for p in module.parameters() if p.requires_grad]  # what DDP sends
 
     @property
     def _wire_bytes(self) -> int:
         return torch.tensor([], dtype=self.wire).element_size()
 
     def _rank_for(self, m: int, n: int, name: str) -> int | None:
-        if self.compression is not None:
-            return self._budget_ranks.get(name)
-        return lore_rank(m, n, self.rank, self.min_compression_rate, self._wire_bytes)
+        r = self.rank if self.compression is None else self._budget_ranks.get(name)
+        # the budget's rank is the whole matrix's: a shard (FSDP2) caps it again and may not pay
+        return None if r is None else lore_rank(m, n, r, self.min_compression_rate, self._wire_bytes)
 
     def _batch_tensor_specs(self, batch: Batch) -> dict[str, torch.Tensor]:
         from . import ops
@@ -187,8 +188,8 @@ class LoreState(CommState):
     # --------------------------------------------------------------- phases
     def phase(self, t: int) -> str:
         probe = self._auto_start + self.AUTO_DENSE_STEPS + 1  # auto_dense's dense steps start here
-        if t <= self.start_step or (self.auto_dense and not self._decided and
-                                    probe <= t < probe + self.AUTO_DENSE_PROBE):
+        if t <= self.start_step or self._dense_by_choice or (self.auto_dense and not self._decided and
+                                                             probe <= t < probe + self.AUTO_DENSE_PROBE):
             return "dense"
         return "compressed"
 
@@ -199,8 +200,8 @@ class LoreState(CommState):
         if phase == "dense":
             if t == self.start_step and batches:
                 return _C.LoreWarmupStep(buffer=buffer, batches=batches, seed=self.seed, step=t)
-            if t > self.start_step:  # auto_dense's probe: time dense steps from now on
-                if not self._probing:
+            if t > self.start_step:  # auto_dense's probe (time dense steps from now on) or its choice
+                if not self._probing and not self._decided:
                     self._probing = True
                     self._timed.pop("dense", None)  # the warm-up's timings are no baseline
                 return self._dense_flushed(plan, buffer, batches)
@@ -222,20 +223,31 @@ class LoreState(CommState):
         still owed (the error buffers, then zero); later ones find them zero."""
         from . import _C
 
-        if not getattr(plan, "flushed", False):
-            plan.flushed = True
-            return _C.DenseStep(buffer, flush=batches)
+        owed = getattr(plan, "owed", True)  # True, False, or the last flush (owed if it was skipped)
+        if isinstance(owed, _C.DenseStep):  # completed: the optimizer step that submitted it is over
+            owed = not bool(owed.ok)  # non-finite: the flush kept E, send it again
+        if owed:
+            plan.owed = _C.DenseStep(buffer, flush=batches)
+            return plan.owed
+        plan.owed = False
         return _C.DenseStep(buffer)
 
     def _submitted(self, plan: BucketPlan, phase: str, step, is_last: bool) -> None:
         if not self.auto_dense or self._decided:
             return
         self._current.append(step)
-        if is_last:  # one optimizer step: its buckets' steps, and when its last bucket was handed over
-            kept = self._timed.setdefault(phase, [])
-            kept.append((time.monotonic(), self._current))
-            del kept[:-(self.AUTO_DENSE_STEPS + 1)]
-            self._current = []
+        if is_last:
+            self._step_ended(phase)
+
+    def _step_ended(self, phase: str) -> None:
+        """One optimizer step: its buckets' steps, and when its last bucket was handed over (or,
+        with ``end_step()``, when the step ended)."""
+        if not self.auto_dense or self._decided:
+            return
+        kept = self._timed.setdefault(phase, [])
+        kept.append((time.monotonic(), self._current))
+        del kept[:-(self.AUTO_DENSE_STEPS + 1)]
+        self._current = []
 
     def _step_seconds(self, phase: str) -> list[float]:
         """The cost of each recent step of ``phase``: on CPU the wall time between the hand-overs of
@@ -268,6 +280,7 @@ class LoreState(CommState):
         self._runtime().engine.submit(step).wait()
         with self._counter_lock:
             self._bytes_sent += step.bytes_sent
+            self._bytes_by_phase["compressed"] += step.bytes_sent  # part of compressing: deciding whether to
             self._collectives += step.collectives
         c, d = local.cpu().tolist()  # the one host read: the decision
         self._auto = {"compressed_step_s": c, "dense_step_s": d, "dense_from_now": c > d}
@@ -282,6 +295,8 @@ class LoreState(CommState):
         self._decided, self._auto = saved["decided"], dict(saved["measured"])
         self._dense_by_choice = bool(self._auto.get("dense_from_now", False))
         self._timed, self._current, self._probing = {}, [], False
+        for plan in self._plans.values():  # loaded into a used state: E is the checkpoint's, maybe owed
+            plan.owed = True
         # not decided yet: the timings did not survive, so time afresh from the resumed step
         # (every rank resumed the same step: load_state_dict checked it)
         self._auto_start = self.start_step if self._decided else max(self.start_step, self.step)

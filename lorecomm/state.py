@@ -167,6 +167,7 @@ class CommState:
         self._params = {id(p): (i, name) for i, (name, p) in enumerate(named)}
         self._dense_params = dense
         self._plans.clear()
+        self._check_known(self._pending)  # a checkpoint loaded before binding: it must fit this model
         if dist.is_available() and dist.is_initialized():
             self._runtime()
         return self
@@ -402,10 +403,15 @@ class CommState:
         """End the optimizer step after buckets all reduced with ``is_last=False``: for stacks that
         know only after their last bucket that the step is over (what ``is_last=True`` does)."""
         self._drain("end_step")
+        phase = self.phase(self.step + 1)
         with self._counter_lock:
-            self._steps_by_phase[self.phase(self.step + 1)] += 1
+            self._steps_by_phase[phase] += 1
             self.step += 1
+        self._step_ended(phase)
         self._count_step_nonfinite()
+
+    def _step_ended(self, phase: str) -> None:
+        """An optimizer step ended (its last bucket handed over, or ``end_step()``)."""
 
     def _hook(self, bucket) -> torch.futures.Future:
         if not isinstance(bucket, dist.GradBucket):
@@ -502,13 +508,8 @@ class CommState:
             diff = {k: (sd["config"].get(k), v) for k, v in self.config().items() if sd["config"].get(k) != v}
             raise ValueError(f"state_dict config differs from this state's (saved, current): {diff}; build the "
                              f"state with the saved configuration (state_dict()['config']) to resume from it")
-        if self._params:  # bound: every saved parameter must exist, or its state would silently vanish
-            known = {name for _, name in self._params.values()}
-            unknown = sorted(set(sd["params"]) - known)
-            if unknown:
-                raise ValueError(
-                    f"state_dict holds state for {len(unknown)} parameter(s) this model does not have "
-                    f"(e.g. {', '.join(unknown[:3])}): it was saved from a different model")
+        if self._params:  # bound: checked now, else when bound
+            self._check_known(sd["params"])
         self._agree("checkpoint", {"kind": sd["kind"], "config": sd["config"], "step": sd["step"]})
         self.step = sd["step"]
         c = sd["counters"]
@@ -525,6 +526,18 @@ class CommState:
                     placed[name][k].copy_(v)
             else:
                 self._pending[name] = ts
+
+    def _check_known(self, saved_names) -> None:
+        """Every saved parameter must exist in the bound model, or its state would silently vanish."""
+        if not self._params:
+            return
+        known = {name for _, name in self._params.values()}
+        unknown = sorted(set(saved_names) - known)
+        if unknown:
+            raise ValueError(
+                f"state_dict holds state for {len(unknown)} parameter(s) this model does not have "
+                f"(e.g. {', '.join(unknown[:3])}; the model's are e.g. {', '.join(sorted(known)[:3])}): it was "
+                f"saved from a different model, or under other parameter names (a wrapper's prefix?)")
 
     def _take_pending(self, name: str) -> dict[str, torch.Tensor] | None:
         return self._pending.pop(name, None)

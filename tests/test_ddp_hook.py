@@ -724,7 +724,10 @@ def test_auto_dense_decides_alike_on_every_rank(comp_ms, dense):
         elif t >= decided:
             # dense: E stays 0; compressing again: E holds the residual again
             assert nonzero == {"w1": not dense, "w2": not dense}, (t, nonzero)
-    assert phases0["dense"] == 3 + D and phases0["compressed"] == 19 - 3 - D, phases0
+    # steps sent dense by choice count as dense, from the deciding step on (its first bucket decides,
+    # its last, which closes the step, goes dense)
+    by_choice = 19 - decided + 1 if dense else 0
+    assert phases0["dense"] == 3 + D + by_choice and phases0["compressed"] == 19 - 3 - D - by_choice, phases0
 
 
 def _auto_dense_resumed(rank, world, save_at):
@@ -770,3 +773,85 @@ def test_auto_dense_decision_survives_a_resume(save_at):
     compressing = [t for t, (_, nonzero) in enumerate(o0, start=1) if nonzero]
     # E holds a residual exactly on the compressed steps: after the warm-up until the probe, then never
     assert compressing == list(range(4, probe)), (compressing, probe)
+
+
+def _auto_dense_edges(rank, world, case):
+    """auto_dense where the step ends by end_step() (DeepSpeed ZeRO), where the probe's first
+    (flushing) step is non-finite, and where a checkpoint is loaded back into the same state."""
+    shapes = [("w1", (16, 24)), ("w2", (20, 30))]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
+    state = lorecomm.LoreState(rank=2, start_step=3, min_compression_rate=1.0).bind(
+        [(n, p) for (n, _), p in zip(shapes, ps)])
+    K, D = state.AUTO_DENSE_STEPS, state.AUTO_DENSE_PROBE
+    probe = 3 + K + 1
+    g = torch.Generator().manual_seed(rank)
+    owed, timed, sd = {}, None, None
+    for t in range(1, 28 if case == "reload" else 19):
+        if case == "reload" and t == 6:
+            sd = state.state_dict()
+        if case == "reload" and t == probe + D + 2:  # after its choice, back to step 5
+            state.load_state_dict(sd)
+        bufs = [torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)]
+        if case == "nonfinite" and t == probe and rank == 1:
+            bufs[1][7] = float("nan")
+        for i, (buf, p) in enumerate(zip(bufs, ps)):
+            state.reduce(buf, [p], None, is_last=(i == 1 and case != "end_step"))
+        if case == "end_step":
+            state.end_step()
+        if t == probe + D - 1:
+            timed = {k: len(v) for k, v in state._timed.items()}
+        owed[state.step] = {n: float(ts["E"].norm()) for n, ts in state._param_tensors().items()}
+    return owed, timed, state.stats()
+
+
+@pytest.mark.parametrize("case", ["end_step", "nonfinite", "reload"])
+def test_auto_dense_edges(case):
+    (owed, timed, st), (owed1, _, st1) = run_ranks(_auto_dense_edges, 2, case)
+    K, D = lorecomm.LoreState.AUTO_DENSE_STEPS, lorecomm.LoreState.AUTO_DENSE_PROBE
+    probe = 3 + K + 1
+    assert st["auto_dense"] == st1["auto_dense"]
+    if case == "end_step":
+        # the steps ended by end_step() are timed like those closed by is_last=True: a measured choice
+        assert timed == {"compressed": K, "dense": D}, timed
+        assert set(st["auto_dense"]) == {"compressed_step_s", "dense_step_s", "dense_from_now"}, st["auto_dense"]
+    elif case == "nonfinite":
+        assert st["nonfinite_steps"] == st1["nonfinite_steps"] == 1
+        # the first probe step was skipped: w2 still owes its residual (w1's bucket was finite and flushed);
+        # the next dense step sends it
+        assert owed[probe]["w1"] == 0 and owed[probe]["w2"] > 0, owed[probe]
+        assert owed[probe + 1] == {"w1": 0.0, "w2": 0.0}, owed[probe + 1]
+    else:
+        # back at step 5 the schedule restarts there; its probe flushes E again (the checkpoint's)
+        again = 5 + K + 1
+        assert owed[again - 1]["w1"] > 0 and owed[again] == {"w1": 0.0, "w2": 0.0}, (owed[again - 1], owed[again])
+
+
+def _load_before_bind(rank, world):
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    saved = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind([("inner.w", w)])
+    for _ in range(2):
+        saved.reduce(torch.randn(16), [w])
+    state = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0)
+    state.load_state_dict(saved.state_dict())  # the torch convention: load, then register the hook (binds)
+    try:
+        state.bind([("w", w)])
+    except ValueError as e:
+        return str(e)
+
+
+def test_checkpoint_loaded_before_binding_is_checked_when_bound():
+    for msg in run_ranks(_load_before_bind, 2):
+        assert msg is not None and "does not have (e.g. inner.w; the model's are e.g. w)" in msg, msg
+
+
+def test_compression_budget_counts_only_what_ddp_sends():
+    def model(frozen):
+        m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32), torch.nn.Linear(32, 64))
+        if frozen:
+            m[0].requires_grad_(False)
+        return m if frozen else m[1:]  # the same trainable layers (named 1.*, 2.*), with or without a frozen one
+
+    with_frozen = lorecomm.LoreState(compression=8).bind(model(True))._budget_ranks
+    without = lorecomm.LoreState(compression=8).bind(model(False))._budget_ranks
+    assert "0.weight" not in with_frozen
+    assert with_frozen == without, (with_frozen, without)

@@ -126,6 +126,11 @@ def _worker(rank, world):
         out["refused_hsdp"] = None
     except NotImplementedError as e:
         out["refused_hsdp"] = str(e)
+    try:  # a byte budget planned on whole matrices would not hold for the shards each replica sends
+        lore_fsdp.register(_shard(_model(), mesh["shard"]), mesh=mesh, compression=4)
+        out["refused_budget"] = None
+    except ValueError as e:
+        out["refused_budget"] = str(e)
     return out
 
 
@@ -153,6 +158,8 @@ def test_fsdp2_hybrid_sharding_compresses_the_replicate_all_reduce():
         assert acc["agree"] and acc["finite"]
         assert r["resume"] == (True, 6), r["resume"]
         assert r["refused_hsdp"] and "native HSDP" in r["refused_hsdp"]
+        assert r["refused_budget"] and "compression=4 is not supported with FSDP2" in r["refused_budget"] and \
+            "give rank=r" in r["refused_budget"], r["refused_budget"]
     for name in ("exact", "low"):  # every rank holds the same full model
         for r in res[1:]:
             assert torch.equal(res[0][name]["full"], r[name]["full"])

@@ -22,7 +22,7 @@ void DenseStep::run(engine::Comm& comm) {
     buffer.copy_(w);
   }
   if (!flush.empty()) {
-    const Tensor ok = at::isfinite(buffer).all();  // a skipped step keeps what it owed
+    ok = at::isfinite(buffer).all();  // a skipped step keeps what it owed
     for (const auto& b : flush) b.E.masked_fill_(ok, 0.0);
   }
 }

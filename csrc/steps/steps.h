@@ -13,10 +13,12 @@ namespace lorecomm::steps {
 
 // Plain averaging, optionally cast to a wire dtype (e.g. bf16) for the all-reduce. With `flush`
 // batches the error buffers are sent too (G + E) and reset where the average is finite: a bucket
-// a compressor hands back to dense loses nothing it still owed.
+// a compressor hands back to dense loses nothing it still owed (`ok`: whether it was finite, so
+// the flush happened; undefined without a flush).
 struct DenseStep : engine::Step {
   std::optional<at::ScalarType> wire;
   std::vector<Batch> flush;
+  Tensor ok;
   std::string kind() const override { return flush.empty() ? "dense" : "dense (error flush)"; }
   void check() const override;
   void run(engine::Comm& comm) override;

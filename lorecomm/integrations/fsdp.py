@@ -161,6 +161,11 @@ def register(model, mesh=None, replicate_group=None, state=None, **config):
     if not pairs:
         raise ValueError("the FSDP model has no sharded parameters")
     state = make_state(state, config, replicate_group)
+    if getattr(state, "compression", None) is not None:
+        raise ValueError(
+            f"compression={state.compression:g} is not supported with FSDP2: its ranks are planned on whole "
+            f"matrices, but each replica sends the factors of its shards, which would compress less than asked; "
+            f"give rank=r instead")
     sgroup = state.process_group if state.process_group is not None else dist.group.WORLD
     if dist.get_process_group_ranks(sgroup) != dist.get_process_group_ranks(replicate_group):
         raise ValueError(
