@@ -855,3 +855,16 @@ def test_compression_budget_counts_only_what_ddp_sends():
     without = lorecomm.LoreState(compression=8).bind(model(False))._budget_ranks
     assert "0.weight" not in with_frozen
     assert with_frozen == without, (with_frozen, without)
+
+
+def test_compression_ranks_are_recapped_at_the_planned_shape():
+    """A budget rank is planned on the whole matrix; a bucket that holds a shard of it (as FSDP2 or a
+    tensor-parallel stack hands over, with ``shapes=``) caps it at the shard and sends it dense where
+    compressing the shard would not pay."""
+    state = lorecomm.LoreState(compression=4).bind(torch.nn.Sequential(torch.nn.Linear(4096, 256)))
+    r = state._budget_ranks["0.weight"]
+    assert r > 32 and state._rank_for(256, 4096, "0.weight") == r
+    assert state._rank_for(32, 4096, "0.weight") is None  # rank 32 of a 32 x 4096 shard would not pay
+    # a 150 x 4096 shard: rank min(r, 150) = r pays there (bf16: 2 (150 + 4096) r * 2 < 4 * 150 * 4096)
+    assert state._rank_for(150, 4096, "0.weight") == r
+    assert state._rank_for(100, 4096, "0.weight") is None  # r > 100 is capped at 100, which does not pay
