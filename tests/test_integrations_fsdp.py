@@ -119,6 +119,18 @@ def _worker(rank, world):
     s2.load_state_dict(ckpt[0])
     _train(second, o2, 3, rank, start=3)
     out["resume"] = (torch.equal(_local(straight), _local(second)), s2.stats()["steps"])
+    # frozen parameters (a fine-tune): one module all frozen, one with a frozen weight and a trainable bias
+    m = _model()
+    m[0].requires_grad_(False)
+    m[2].weight.requires_grad_(False)
+    m = _shard(m, mesh["shard"])
+    state = lore_fsdp.register(m, mesh=mesh, rank=4, start_step=1, auto_dense=False)
+    calls = count_calls(state)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
+    for i in range(STEPS):
+        calls.append(0)
+        _train(m, opt, 1, rank, start=i)
+    out["frozen"] = dict(stats=state.stats(), calls=list(calls), agree=_replicas_agree(m, mesh))
     # refusals
     hsdp = _shard(_model(), mesh)
     try:
@@ -157,6 +169,10 @@ def test_fsdp2_hybrid_sharding_compresses_the_replicate_all_reduce():
         assert acc["calls"] == [n_groups - 1] * STEPS and acc["stats"]["steps"] == STEPS, acc
         assert acc["agree"] and acc["finite"]
         assert r["resume"] == (True, 6), r["resume"]
+        # two hooked groups (m[2]'s bias, m[4]); one step per optimizer step; m[4]'s weight compressed
+        fr = r["frozen"]
+        assert fr["calls"] == [2] * STEPS and fr["stats"]["steps"] == STEPS and fr["agree"], fr
+        assert fr["stats"]["compressed_matrices"] == 1, fr["stats"]
         assert r["refused_hsdp"] and "native HSDP" in r["refused_hsdp"]
         assert r["refused_budget"] and "compression=4 is not supported with FSDP2" in r["refused_budget"] and \
             "give rank=r" in r["refused_budget"], r["refused_budget"]

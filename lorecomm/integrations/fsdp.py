@@ -42,7 +42,9 @@ native HSDP (a 2-D mesh: its own all-reduce runs before the hook, so there is
 nothing left to compress; shard over ``mesh["shard"]`` instead), per-parameter
 meshes (several parameter groups per module), and a hook already set. At
 hook time: a module group that produced gradients for only some of its
-parameters (the layout would be ambiguous).
+trainable parameters (the layout would be ambiguous). Frozen parameters
+(``requires_grad=False``) are skipped, as FSDP skips them; a module with only
+frozen ones is not hooked (FSDP reduces nothing for it).
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ class _Controller:
         params, offsets, shapes = [], [], []
         pos = 0
         for fp in group.fsdp_params:
+            if not fp.sharded_param.requires_grad:  # frozen: FSDP reduce-scatters only what has gradients
+                continue
             params.append(fp.sharded_param)
             offsets.append(pos)
             shapes.append(tuple(fp.sharded_size))
@@ -147,8 +151,8 @@ def register(model, mesh=None, replicate_group=None, state=None, **config):
     pairs = []
     for m in modules:
         group = _param_group(m)
-        if group is None or not group.fsdp_params:
-            continue
+        if group is None or not any(fp.sharded_param.requires_grad for fp in group.fsdp_params):
+            continue  # no parameters, or all frozen: FSDP never reduces (nor calls the hook) for it
         if isinstance(group.mesh_info, HSDPMeshInfo):
             raise NotImplementedError(
                 f"{type(m).__name__} is sharded with FSDP2's native HSDP (a 2-D mesh): its own all-reduce across "
