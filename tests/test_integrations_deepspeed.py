@@ -95,8 +95,12 @@ def _worker(rank, world_size, compressor):
         out[stage] = dict(dense=_train(rank, None, stage), exact=_train(rank, exact, stage),
                           low=_train(rank, low, stage))
     # last: a ZeRO-3 engine changes process-wide DeepSpeed state that later engines would see
-    out["refused"] = [_refusal({"zero_optimization": {"stage": 3}}),
-                      _refusal({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}})]  # loss-scaled
+    # (torch_autocast too leaves process-wide state behind: the autocast refusals come after the others)
+    out["refused"] = [_refusal({"managed_gradient_accumulation": False, "zero_optimization": {"stage": 2}}),
+                      _refusal({"zero_optimization": {"stage": 3}}),
+                      _refusal({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}),  # loss-scaled
+                      _refusal({"torch_autocast": {"enabled": True, "dtype": "torch.float16"},
+                                "zero_optimization": {"stage": 1}})]  # ZeRO's own GradScaler
     return out
 
 
@@ -127,6 +131,8 @@ def test_deepspeed_two_ranks(compressor):
         assert r["low"]["stats"]["bytes_by_phase"]["compressed"] < r["exact"]["stats"]["bytes_by_phase"]["compressed"]
         for key in ("dense", "exact", "low"):
             assert torch.equal(results[0][stage][key]["params"], results[1][stage][key]["params"])
-    zero3, fp16_autocast = r0["refused"]
+    unmanaged, zero3, fp16_autocast, fp16_autocast_zero1 = r0["refused"]
     assert zero3 is not None and "ZeRO stage 3" in zero3 and "partitions the parameters" in zero3
     assert fp16_autocast is not None and "GradScaler" in fp16_autocast
+    assert fp16_autocast_zero1 is not None and "GradScaler" in fp16_autocast_zero1
+    assert unmanaged is not None and "managed_gradient_accumulation=false with ZeRO" in unmanaged, unmanaged

@@ -179,11 +179,18 @@ def register(engine, state=None, **config):
         raise NotImplementedError(
             "bf16 without ZeRO is not supported: the BF16 optimizer reduces its own fp32 accumulation buffers "
             "instead of the parameters' gradients; use bf16 with ZeRO stage 1 or 2, or an fp32 engine")
-    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None or \
+            getattr(engine.optimizer, "torch_autocast_gradscaler", None) is not None:
         raise NotImplementedError(
-            "DeepSpeed's fp16 torch_autocast runs a GradScaler on ZeRO-0: the gradients lorecomm would compress "
+            "DeepSpeed's fp16 torch_autocast runs a GradScaler (on ZeRO 0, 1 and 2): the gradients lorecomm would compress "
             "are loss-scaled (unscaled only in step()), so the error-feedback buffer would mix scales and keep "
             "the values of steps the scaler skips; use bf16 torch_autocast or fp32")
+    if stage > 0 and not engine.managed_gradient_accumulation():
+        raise NotImplementedError(
+            "managed_gradient_accumulation=false with ZeRO: the accumulation boundary is known only inside "
+            "engine.step(), after the ZeRO optimizer's reduction ran, so lorecomm could not tell when a step "
+            "ends (it would never leave its dense warm-up); use managed gradient accumulation (the default), "
+            "or ZeRO stage 0")
     if engine.pipeline_parallelism:
         raise NotImplementedError("DeepSpeed pipeline parallelism is not supported by lorecomm.integrations.deepspeed")
     if getattr(engine, "sequence_parallel_size", 1) != 1:
