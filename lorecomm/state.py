@@ -146,8 +146,8 @@ class CommState:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         if isinstance(model, torch.nn.Module):
-            owner = model
             module = model.module if isinstance(model, DDP) else model
+            owner = module  # a new DDP wrapper of the same module (Lightning's next fit) is the same model
             named = list(module.named_parameters())
             dense = embedding_parameters(module) if self.dense_embeddings else set()
         else:
@@ -483,6 +483,7 @@ class CommState:
             "kind": type(self).__name__,
             "config": self.config(),
             "world_size": self.world_size,
+            "rank": self._group_rank(),
             "step": self.step,
             "counters": {
                 "calls": self._calls, "bytes_sent": self._bytes_sent, "bytes_dense": self._bytes_dense,
@@ -510,7 +511,11 @@ class CommState:
                              f"state with the saved configuration (state_dict()['config']) to resume from it")
         if self._params:  # bound: checked now, else when bound
             self._check_known(sd["params"])
-        self._agree("checkpoint", {"kind": sd["kind"], "config": sd["config"], "step": sd["step"]})
+        saved_by = sd.get("rank")  # absent from files written before lorecomm saved it
+        whose = "its own" if saved_by in (None, self._group_rank()) else f"rank {saved_by}'s"
+        # checked together on every rank (a rank that raised alone would leave the others waiting)
+        self._agree("checkpoint", {"kind": sd["kind"], "config": sd["config"], "step": sd["step"],
+                                   "file": f"{whose} (error buffers are per rank: load each rank's own file)"})
         self.step = sd["step"]
         c = sd["counters"]
         self._calls, self._bytes_sent, self._bytes_dense = c["calls"], c["bytes_sent"], c["bytes_dense"]
@@ -526,6 +531,9 @@ class CommState:
                     placed[name][k].copy_(v)
             else:
                 self._pending[name] = ts
+
+    def _group_rank(self) -> int:
+        return dist.get_rank(self.process_group) if dist.is_available() and dist.is_initialized() else 0
 
     def _check_known(self, saved_names) -> None:
         """Every saved parameter must exist in the bound model, or its state would silently vanish."""

@@ -868,3 +868,39 @@ def test_compression_ranks_are_recapped_at_the_planned_shape():
     # a 150 x 4096 shard: rank min(r, 150) = r pays there (bf16: 2 (150 + 4096) r * 2 < 4 * 150 * 4096)
     assert state._rank_for(150, 4096, "0.weight") == r
     assert state._rank_for(100, 4096, "0.weight") is None  # r > 100 is capped at 100, which does not pay
+
+
+def _checkpoint_of_another_rank(rank, world):
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    state = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind([("w", w)])
+    for _ in range(2):
+        state.reduce(torch.randn(16), [w])
+    mine = state.state_dict()
+    files = [None] * world
+    dist.all_gather_object(files, mine)
+    state.load_state_dict(files[rank])  # its own: fine
+    try:
+        state.load_state_dict(files[0])  # every rank loads rank 0's (a rank-0-only checkpoint)
+    except ValueError as e:
+        return str(e)
+
+
+def test_a_checkpoint_of_another_rank_is_refused_on_every_rank():
+    for msg in run_ranks(_checkpoint_of_another_rank, 2):
+        assert msg is not None and '"its own (error buffers are per rank' in msg and "\"rank 0's" in msg, msg
+
+
+def _rebind_new_wrapper(rank, world):
+    model = torch.nn.Linear(8, 8)
+    state = lorecomm.register(DDP(model), rank=2, start_step=1, min_compression_rate=1.0, auto_dense=False)
+    again = DDP(model)  # a stack that wraps the same module anew (Lightning's next fit)
+    state.bind(again)
+    try:
+        state.bind(DDP(torch.nn.Linear(8, 8)))
+    except RuntimeError as e:
+        return str(e)
+
+
+def test_rebinding_to_a_new_wrapper_of_the_same_module_is_allowed():
+    for msg in run_ranks(_rebind_new_wrapper, 2):
+        assert msg is not None and "already bound to another model" in msg, msg
