@@ -71,7 +71,32 @@ def _worker(rank, world_size, compressor):
     # a callable comm_hook is silently dropped by Accelerate: the run stays dense
     ignored = DistributedDataParallelKwargs(comm_hook=lorecomm.lore_hook)
     exact, low = configs(compressor)
-    return dict(dense=_train(rank, None, [ignored]), exact=_train(rank, exact, [ignored]), low=_train(rank, low))
+    return dict(dense=_train(rank, None, [ignored]), exact=_train(rank, exact, [ignored]), low=_train(rank, low),
+                scaler_wired=_scaler_wired(low))
+
+
+def _scaler_wired(cfg):
+    """fp16 mixed precision: register hands the accelerator's GradScaler to the state (on CPU Accelerate
+    makes none, so one is set as it would be on a GPU)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from torch.amp import GradScaler
+
+    import lorecomm
+    from lorecomm.integrations import accelerate as lore_accelerate
+
+    wired = []
+    for given in (False, True):
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True)
+        model = accelerator.prepare(torch.nn.Linear(8, 8))
+        accelerator.scaler = GradScaler("cpu")
+        kw = dict(cfg)
+        state = lorecomm.COMPRESSORS[kw.pop("compressor", "lore")](**kw) if given else None
+        st = lore_accelerate.register(accelerator, model, state=state, **({} if given else kw))
+        wired.append(st.grad_scaler is accelerator.scaler)
+    return wired
 
 
 @pytest.mark.parametrize("compressor", ["lore", "greedylore"])
@@ -91,3 +116,4 @@ def test_accelerate_register_on_prepared_model_two_ranks(compressor):
     assert not torch.allclose(r["low"]["params"], r["dense"]["params"], atol=1e-6)
     for key in ("dense", "exact", "low"):
         assert torch.equal(results[0][key]["params"], results[1][key]["params"])
+    assert r["scaler_wired"] == [True, True], r["scaler_wired"]  # built by register, and given

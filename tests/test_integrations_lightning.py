@@ -30,7 +30,7 @@ def _pl():
     return pl
 
 
-def _train(rank, make_strategy, calls=None):
+def _train(rank, make_strategy, calls=None, plugins=None):
     import torch.distributed as dist
 
     pl = _pl()
@@ -60,7 +60,7 @@ def _train(rank, make_strategy, calls=None):
     strategy = make_strategy()
     trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=1, strategy=strategy, max_steps=STEPS,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
+                         enable_model_summary=False, num_sanity_val_steps=0, plugins=plugins)
     trainer.fit(module, loader)
     flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
@@ -93,6 +93,16 @@ def _worker(rank, world_size, compressor):
     _train(rank, lambda: pl.strategies.DDPStrategy(ddp_comm_state=stock_state,
                                                    ddp_comm_hook=lorecomm.hook_for(stock_state)))
     out["stock_calls"] = stock_state.stats()["calls"]
+    # "16-mixed" with a loss scaler (on CPU Lightning has none by default: given here): the state gets it
+    from torch.amp import GradScaler
+
+    MixedPrecision = importlib.import_module(pl.__name__ + ".plugins.precision").MixedPrecision
+    scaler = GradScaler("cpu", init_scale=1024.0)
+    state = make(low)
+    flat = _train(rank, lambda: LoreDDPStrategy(ddp_comm_state=state),
+                  plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    out["fp16"] = dict(wired=state.grad_scaler is scaler, finite=bool(torch.isfinite(flat).all()),
+                       steps=state.stats()["steps"], scale=float(scaler.get_scale()))
     return out
 
 
@@ -113,6 +123,7 @@ def test_lightning_lore_ddp_strategy_two_ranks(compressor):
     for key in ("dense", "exact", "low"):
         assert torch.equal(results[0][key], results[1][key])
     assert r["stock_calls"] == 0  # Lightning's DDPStrategy drops the hook on CPU
+    assert r["fp16"]["wired"] and r["fp16"]["finite"] and r["fp16"]["steps"] == STEPS, r["fp16"]
 
 
 def test_strategy_importable_by_name():

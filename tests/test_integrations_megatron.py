@@ -137,12 +137,13 @@ def test_megatron_ddp_two_ranks(compressor):
         # both ranks hold identical parameters (also asserted bitwise inside each rank)
         for key in ("dense", "exact", "low"):
             assert torch.equal(results[0][mode][key], results[1][mode][key])
-    msg = results[0]["refused"]
-    assert msg is not None and "already registered" in msg
+    twice, fp16 = results[0]["refused"]
+    assert twice is not None and "already registered" in twice
+    assert fp16 is not None and "fp16 Megatron models are not supported" in fp16 and "use bf16" in fp16
 
 
 def _refusal():
-    """Registering the same model twice is refused (one state per model)."""
+    """Registering the same model twice is refused (one state per model), and an fp16 model."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer import TransformerConfig
 
@@ -151,8 +152,17 @@ def _refusal():
     tcfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
     ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(), _model())
     lore_megatron.register(ddp, rank=4)
+    out = []
     try:
         lore_megatron.register(ddp, rank=4)
+        out.append(None)
     except RuntimeError as e:
-        return str(e)
-    return None
+        out.append(str(e))
+    fp16 = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True,
+                             fp16=True)
+    try:  # loss-scaled gradients
+        lore_megatron.register(DistributedDataParallel(fp16, DistributedDataParallelConfig(), _model()), rank=4)
+        out.append(None)
+    except NotImplementedError as e:
+        out.append(str(e))
+    return out

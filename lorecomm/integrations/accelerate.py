@@ -18,6 +18,9 @@ therefore registers on the DDP model that ``accelerator.prepare`` returns
 (``lorecomm.register``), and :func:`register` warns if it finds a callable
 ``comm_hook`` in the accelerator's DDP kwargs.
 
+With ``mixed_precision="fp16"`` the state gets the accelerator's GradScaler
+(``grad_scaler=``), so buckets are compressed in unscaled units.
+
 Gradient accumulation (``accelerator.accumulate``) uses DDP's ``no_sync``:
 the hook runs once per optimizer step, on the accumulated gradient.
 With a single process (no DDP) :func:`register` returns ``None``: there is
@@ -61,4 +64,10 @@ def register(accelerator, model, state=None, **config):
             f"expected the model returned by accelerator.prepare (a DistributedDataParallel), got "
             f"{type(model).__name__}; for DeepSpeed/FSDP/Megatron plugins use the matching lorecomm integration "
             f"(FSDP2: lorecomm.integrations.fsdp)")
+    scaler = getattr(accelerator, "scaler", None)  # fp16 mixed precision: the loss is scaled
+    if scaler is not None:  # so the buckets are compressed in unscaled units
+        if state is None:
+            config.setdefault("grad_scaler", scaler)
+        elif state.grad_scaler is None:
+            state.grad_scaler = scaler
     return lorecomm.register(ddp, state=state, **config)

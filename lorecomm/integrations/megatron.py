@@ -173,6 +173,12 @@ def register(ddp_model, state=None, **config):
         raise TypeError(f"expected megatron.core.distributed.DistributedDataParallel, got {type(ddp_model).__name__}"
                         " (for torch DDP use lorecomm.register)")
     cfg = ddp_model.ddp_config
+    if getattr(getattr(ddp_model, "config", None), "fp16", False):
+        raise NotImplementedError(
+            "fp16 Megatron models are not supported: the loss is scaled (grad_scale_func) and unscaled only in "
+            "optimizer.step, so the error-feedback buffer would hold loss-scaled gradients that every scale "
+            "change replays at the wrong scale, and Megatron's scaler exposes no scale lorecomm could unscale "
+            "by; use bf16 (or fp32)")
     if cfg.num_distributed_optimizer_instances != 1:
         raise NotImplementedError("num_distributed_optimizer_instances > 1 (partial distributed optimizer: a "
                                   "second all-reduce across optimizer instances) is not supported by "
