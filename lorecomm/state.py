@@ -531,6 +531,16 @@ class CommState:
                     placed[name][k].copy_(v)
             else:
                 self._pending[name] = ts
+        # state this rank has but the file has not (saved before those parameters' first bucket, e.g. a
+        # rollback to step 0): back to what a new state starts from, not kept from the run being undone
+        for plan in self._plans.values():
+            for batch in plan.batches:
+                fresh = None
+                for i, slot in enumerate(batch.slots):
+                    if slot.name not in sd["params"]:
+                        fresh = fresh if fresh is not None else self._batch_tensor_specs(batch)
+                        for k, t in batch.tensors.items():
+                            t[i].copy_(fresh[k][i])
 
     def _group_rank(self) -> int:
         return dist.get_rank(self.process_group) if dist.is_available() and dist.is_initialized() else 0

@@ -904,3 +904,37 @@ def _rebind_new_wrapper(rank, world):
 def test_rebinding_to_a_new_wrapper_of_the_same_module_is_allowed():
     for msg in run_ranks(_rebind_new_wrapper, 2):
         assert msg is not None and "already bound to another model" in msg, msg
+
+
+def _rollback_to_a_new_state(rank, world, kind):
+    shapes = [("w1", (16, 24)), ("w2", (20, 30))]
+
+    def fresh():
+        ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
+        cls = lorecomm.LoreState if kind == "lore" else lorecomm.GreedyLoreState
+        extra = dict(auto_dense=False) if kind == "lore" else dict(update_interval=3)
+        return cls(rank=2, start_step=1, min_compression_rate=1.0, **extra).bind(
+            [(n, p) for (n, _), p in zip(shapes, ps)]), ps
+
+    def run(state, ps, seed, steps):
+        g = torch.Generator().manual_seed(100 * seed + rank)
+        out = []
+        for _ in range(steps):
+            bufs = [torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)]
+            for i, (buf, p) in enumerate(zip(bufs, ps)):
+                state.reduce(buf, [p], None, i == 1)
+            out.append(torch.cat(bufs))
+        return out
+
+    used, ps = fresh()
+    at_zero = used.state_dict()  # before any bucket: no per-parameter state in the file
+    run(used, ps, 1, 4)
+    used.load_state_dict(at_zero)  # roll back to the start
+    new, new_ps = fresh()
+    return [torch.equal(a, b) for a, b in zip(run(used, ps, 2, 5), run(new, new_ps, 2, 5))]
+
+
+@pytest.mark.parametrize("kind", ["lore", "greedylore"])
+def test_rolling_back_to_a_checkpoint_from_before_the_first_step_equals_a_new_state(kind):
+    for same in run_ranks(_rollback_to_a_new_state, 2, kind):
+        assert all(same), same
