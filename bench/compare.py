@@ -80,7 +80,7 @@ def main(argv=None):
                 clip=1.0)
     runs = [dict(base, method=m, label=m) for m in methods]
     print(f"lorecomm compare: {len(runs)} methods x {args.steps} steps on {args.world_size} Gloo ranks; "
-          f"rank {args.rank} (Lore {args.lore_rank or 'at its bytes'}), compression from step {start + 1}, "
+          f"rank {args.rank} (Lore {args.lore_rank or f'at PowerSGD r={args.rank} bytes'}), compression from step {start + 1}, "
           f"GreedyLore tau {tau}", flush=True)
     t0 = time.time()
     res = run_ddp(spec, runs, args.world_size, args.out + ".json", progress=not args.no_progress)

@@ -509,8 +509,7 @@ class CommState:
             diff = {k: (sd["config"].get(k), v) for k, v in self.config().items() if sd["config"].get(k) != v}
             raise ValueError(f"state_dict config differs from this state's (saved, current): {diff}; build the "
                              f"state with the saved configuration (state_dict()['config']) to resume from it")
-        if self._params:  # bound: checked now, else when bound
-            self._check_known(sd["params"])
+        self._check_known(sd["params"])  # unbound: checked when bound
         saved_by = sd.get("rank")  # absent from files written before lorecomm saved it
         whose = "its own" if saved_by in (None, self._group_rank()) else f"rank {saved_by}'s"
         # checked together on every rank (a rank that raised alone would leave the others waiting)
@@ -535,12 +534,11 @@ class CommState:
         # rollback to step 0): back to what a new state starts from, not kept from the run being undone
         for plan in self._plans.values():
             for batch in plan.batches:
-                fresh = None
-                for i, slot in enumerate(batch.slots):
-                    if slot.name not in sd["params"]:
-                        fresh = fresh if fresh is not None else self._batch_tensor_specs(batch)
-                        for k, t in batch.tensors.items():
-                            t[i].copy_(fresh[k][i])
+                missing = [i for i, slot in enumerate(batch.slots) if slot.name not in sd["params"]]
+                if missing:
+                    fresh = self._batch_tensor_specs(batch)
+                    for k, t in batch.tensors.items():
+                        t[missing] = fresh[k][missing].to(t.device)
 
     def _group_rank(self) -> int:
         return dist.get_rank(self.process_group) if dist.is_available() and dist.is_initialized() else 0

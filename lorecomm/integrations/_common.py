@@ -28,6 +28,13 @@ def make_state(state, config: dict, process_group, default_dense_patterns: Seque
     return COMPRESSORS[name](**config)
 
 
+def adopt_grad_scaler(state, scaler) -> None:
+    """The stack scales the loss (fp16 mixed precision): give the state its GradScaler, unless it
+    has one, so buckets are compressed in unscaled units (error buffers never mix loss scales)."""
+    if scaler is not None and state.grad_scaler is None:
+        state.grad_scaler = scaler
+
+
 def check_group(state, group, where: str) -> None:
     """The state must reduce over the same ranks as the stack's data-parallel group."""
     sgroup = state.process_group if state.process_group is not None else dist.group.WORLD

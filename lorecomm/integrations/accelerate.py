@@ -33,6 +33,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from ._common import adopt_grad_scaler
+
 __all__ = ["register"]
 
 
@@ -64,10 +66,6 @@ def register(accelerator, model, state=None, **config):
             f"expected the model returned by accelerator.prepare (a DistributedDataParallel), got "
             f"{type(model).__name__}; for DeepSpeed/FSDP/Megatron plugins use the matching lorecomm integration "
             f"(FSDP2: lorecomm.integrations.fsdp)")
-    scaler = getattr(accelerator, "scaler", None)  # fp16 mixed precision: the loss is scaled
-    if scaler is not None:  # so the buckets are compressed in unscaled units
-        if state is None:
-            config.setdefault("grad_scaler", scaler)
-        elif state.grad_scaler is None:
-            state.grad_scaler = scaler
-    return lorecomm.register(ddp, state=state, **config)
+    state = lorecomm.register(ddp, state=state, **config)
+    adopt_grad_scaler(state, getattr(accelerator, "scaler", None))  # mixed_precision="fp16"
+    return state

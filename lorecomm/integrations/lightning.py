@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._common import adopt_grad_scaler
+
 __all__ = ["LoreDDPStrategy", "PLLoreDDPStrategy", "lore_strategy_class"]
 
 _classes: dict = {}
@@ -63,9 +65,7 @@ def lore_strategy_class(ddp_strategy_cls):
             if self._ddp_comm_wrapper is not None:
                 hook = self._ddp_comm_wrapper(hook)
             state.bind(self.model)
-            scaler = getattr(self.precision_plugin, "scaler", None)  # "16-mixed": the loss is scaled
-            if scaler is not None and state.grad_scaler is None:
-                state.grad_scaler = scaler  # so the buckets are compressed in unscaled units
+            adopt_grad_scaler(state, getattr(self.precision_plugin, "scaler", None))  # "16-mixed"
             self.model.register_comm_hook(state=state, hook=hook)
 
     LoreDDPStrategy.__qualname__ = LoreDDPStrategy.__name__ = (
