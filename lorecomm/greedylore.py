@@ -1,5 +1,5 @@
 """GreedyLore (Chen et al., arXiv 2507.08784): error feedback + semi-lazy SVD basis
-+ approximate global Top-r, the paper's algorithm as ALGORITHM.md reads it.
++ approximate global Top-r, as the paper states it.
 
 The state holds the configuration and the per-matrix state (error buffer E,
 full basis U); every phase runs on the engine (csrc/steps/greedylore.cpp);

@@ -267,11 +267,10 @@ class LoreState(CommState):
         all decide alike."""
         from . import _C
 
-        self._decided = True
         self._drain("reduce")
         dense, comp = self._step_seconds("dense"), self._step_seconds("compressed")
-        self._timed, self._current = {}, []
         if len(dense) < 2 or len(comp) < 2:
+            self._decided, self._timed, self._current = True, {}, []
             return  # too few timed steps of a kind to compare: keep compressing
 
         def median(xs):
@@ -280,7 +279,10 @@ class LoreState(CommState):
         local = torch.tensor([median(comp), median(dense)], device=device)
         step = _C.DenseStep(local)
         step.label = f"auto_dense timings (step {self.step + 1})"
+        # if this collective fails nothing is decided: after every rank's reset_all() the next step
+        # decides again, on the same timings
         self._runtime().engine.submit(step).wait()
+        self._decided, self._timed, self._current = True, {}, []
         with self._counter_lock:
             self._bytes_sent += step.bytes_sent
             self._bytes_by_phase["compressed"] += step.bytes_sent  # part of compressing: deciding whether to

@@ -1,9 +1,10 @@
 """Single-process simulation of N ranks, in float64: the reference.
 
-A direct reading of ALGORITHM.md, one matrix at a time, with explicit loops
-over ranks and no shared code with the runtime's maths; only the random draws
-(probes, random indices, frames: ``lorecomm.sketches``) are shared, so both see
-the same randomness. The tests hold the runtime on real Gloo ranks against it,
+A direct reading of the algorithms (Lore: docs/LORE.md; GreedyLore: the paper,
+Chen et al. arXiv 2507.08784; the baselines: their papers), one matrix at a
+time, with explicit loops over ranks and no shared code with the runtime's
+maths; only the random draws (probes, random indices, frames:
+``lorecomm.sketches``) are shared, so both see the same randomness. The tests hold the runtime on real Gloo ranks against it,
 and the convergence benchmarks use it for world sizes a 2-core machine cannot
 run as processes.
 

@@ -1,4 +1,4 @@
-"""Lore's contraction guarantee, measured on adversarial gradients (ALGORITHM.md, "Lore").
+"""Lore's contraction guarantee, measured on adversarial gradients (docs/LORE.md, "The contraction guarantee").
 
 On a step that explores, Lore projects each a x b matrix onto V = orth([T, W]): T its tracked
 range (r - 1 columns, whatever it is), W one fresh Gaussian direction that no gradient has seen.

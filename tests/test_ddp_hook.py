@@ -826,6 +826,47 @@ def test_auto_dense_edges(case):
         assert owed[again - 1]["w1"] > 0 and owed[again] == {"w1": 0.0, "w2": 0.0}, (owed[again - 1], owed[again])
 
 
+def _auto_dense_decision_fails(rank, world):
+    """The decision's all-reduce raises (on every rank): nothing is decided, and the step, run again,
+    decides on the same timings."""
+    shapes = [("w1", (16, 24)), ("w2", (20, 30))]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
+    state = lorecomm.LoreState(rank=2, start_step=3, min_compression_rate=1.0).bind(
+        [(n, p) for (n, _), p in zip(shapes, ps)])
+    decides = 3 + state.AUTO_DENSE_STEPS + 1 + state.AUTO_DENSE_PROBE
+    g = torch.Generator().manual_seed(rank)
+
+    class Failing:  # an engine whose next collective fails
+        class engine:
+            @staticmethod
+            def submit(step):
+                raise RuntimeError("injected all_reduce failure")
+
+    error = None
+    for t in range(1, decides + 3):
+        bufs = [torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)]
+        if t == decides:  # compressed steps measured 3x the dense ones
+            state._timed = {"dense": [(i * 1e-3, []) for i in range(3)],
+                            "compressed": [(i * 3e-3, []) for i in range(8)]}
+            state._runtime = lambda: Failing
+            try:
+                state.reduce(bufs[0], [ps[0]], None, False)
+            except RuntimeError as e:
+                error = str(e)
+            del state._runtime
+        for i, (buf, p) in enumerate(zip(bufs, ps)):
+            state.reduce(buf, [p], None, i == 1)
+    return error, state.step, state.stats()["auto_dense"]
+
+
+def test_auto_dense_decides_again_after_its_collective_failed():
+    for error, step, auto in run_ranks(_auto_dense_decision_fails, 2):
+        assert error == "injected all_reduce failure", error
+        decides = 3 + lorecomm.LoreState.AUTO_DENSE_STEPS + 1 + lorecomm.LoreState.AUTO_DENSE_PROBE
+        assert step == decides + 2
+        assert auto.get("dense_from_now") is True and auto["compressed_step_s"] == pytest.approx(3e-3), auto
+
+
 def _load_before_bind(rank, world):
     w = torch.nn.Parameter(torch.zeros(4, 4))
     saved = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind([("inner.w", w)])

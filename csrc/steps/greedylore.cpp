@@ -1,5 +1,5 @@
 // GreedyLore (Chen et al., arXiv 2507.08784) on the engine: the paper's
-// algorithm as ALGORITHM.md reads it, with its ablations.
+// algorithm as it states it, with its ablations.
 //
 //   refresh:     H = G + E in an fp32 copy of the bucket -> all-reduce (mean)
 //                -> per batch a new basis (torch.ops.lorecomm.refresh_basis)

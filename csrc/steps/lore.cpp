@@ -1,5 +1,5 @@
-// Lore, lorecomm's default compressor, on the engine (ALGORITHM.md in the
-// project docs, lorecomm.simulate.SimulatedLore is its float64 reference).
+// Lore, lorecomm's default compressor, on the engine (docs/LORE.md;
+// lorecomm.simulate.SimulatedLore is its float64 reference).
 //
 // Per oriented a x b matrix with rank r and k = min(explore, r - 1) random
 // directions (the Python layer sets explore = 1 on the steps a shared coin
