@@ -49,15 +49,12 @@ def register(ddp_model, state: CommState | None = None, compressor: str = "lore"
         raise TypeError(
             f"lorecomm.register expects a torch.nn.parallel.DistributedDataParallel model, got "
             f"{type(ddp_model).__name__}; wrap it in DDP first (other stacks: see lorecomm.integrations)")
-    if state is None:
-        if compressor not in COMPRESSORS:
-            raise ValueError(f"compressor must be one of {', '.join(map(repr, COMPRESSORS))}; got {compressor!r}")
-        config.setdefault("process_group", ddp_model.process_group)
-        state = COMPRESSORS[compressor](**config)
-    elif config or compressor != "lore":
-        given = sorted(config) + ([f"compressor={compressor!r}"] if compressor != "lore" else [])
-        raise ValueError(f"pass either state= or compressor/config keywords, not both (got state= and "
-                         f"{', '.join(given)}): configure the state itself, or drop state=")
+    from .integrations._common import check_group, make_state
+
+    if state is None or compressor != "lore":  # (with state=, refused with the rest of config)
+        config = {**config, "compressor": compressor}
+    state = make_state(state, config, ddp_model.process_group)
+    check_group(state, ddp_model.process_group, "the DDP model")
     state.bind(ddp_model)
     ddp_model.register_comm_hook(state, hook_for(state))
     return state

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -62,9 +63,21 @@ def set_inline(on: bool | None) -> None:
     _inline_override = on
 
 
+def _seconds_from_env(name: str, default: float) -> float:
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return default
+    try:
+        value = float(env)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"{name}={env!r} is not a number of seconds >= 0; set it to e.g. 30, or unset it")
+    return value
+
+
 def _timeout_ms() -> int:
-    env = os.environ.get("LORECOMM_ENGINE_TIMEOUT_S")
-    return int(float(env) * 1000) if env else 0  # 0: the process group's own timeout
+    return int(_seconds_from_env("LORECOMM_ENGINE_TIMEOUT_S", 0) * 1000)  # 0: the process group's own timeout
 
 
 def runtime_for(group: dist.ProcessGroup) -> Runtime:
@@ -109,7 +122,11 @@ def shutdown_all(grace_s: float | None = None) -> bool:
     for a bucket still in a collective, then abandons its worker. Returns False
     if a worker had to be abandoned. Runs at interpreter exit."""
     if grace_s is None:
-        grace_s = float(os.environ.get("LORECOMM_SHUTDOWN_GRACE_S", "10"))
+        try:
+            grace_s = _seconds_from_env("LORECOMM_SHUTDOWN_GRACE_S", 10)
+        except ValueError as e:  # at exit too: stop the engines anyway, with the default grace
+            warnings.warn(f"{e}; using 10 s")
+            grace_s = 10.0
     with _lock:
         rts = list(_runtimes.values())
         _runtimes.clear()

@@ -109,20 +109,25 @@ class LoreState(CommState):
 
     # ------------------------------------------------------------- planning
     def bind(self, model) -> "LoreState":
-        super().bind(model)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if isinstance(model, DDP):
+            model = model.module
+        named = list(model.named_parameters() if isinstance(model, torch.nn.Module) else model)
+        super().bind(model if isinstance(model, torch.nn.Module) else named)
         if self.compression is not None:
-            self._budget_ranks = self._ranks_for_budget()
+            # what DDP sends: the trainable parameters
+            self._budget_ranks = self._ranks_for_budget([(n, p) for n, p in named if p.requires_grad])
         return self
 
-    def _ranks_for_budget(self) -> dict[str, int | None]:
+    def _ranks_for_budget(self, trainable) -> dict[str, int | None]:
         """Per-matrix ranks for ``compression``: the largest common compression
         factor s (each a x b matrix gets r = a b / (s (a + b)) directions) whose
         bytes after warm-up (sketch, factors, dense leftovers on the wire) fit
         the budget; a function of the shapes alone, so every rank agrees."""
         wb = self._wire_bytes
-        named = {name: tuple(p.shape) for p, (pid, name) in self._param_items()}
-        dense_names = {name for p, (pid, name) in self._param_items()
-                       if id(p) in self._dense_params or self._is_dense_name(name)}
+        named = {name: tuple(p.shape) for name, p in trainable}
+        dense_names = {name for name, p in trainable if id(p) in self._dense_params or self._is_dense_name(name)}
         total = sum(torch.Size(s).numel() for s in named.values())
         budget = 4 * total / self.compression
 
@@ -155,15 +160,6 @@ class LoreState(CommState):
             else:
                 hi = mid
         return ranks_at(hi)
-
-    def _param_items(self):
-        model = self._model_ref() if self._model_ref is not None else None
-        if model is None:
-            raise RuntimeError("compression= needs the state bound to a model (lorecomm.register or state.bind)")
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        module = model.module if isinstance(model, DDP) else model
-        return [(p, self._params[id(p)]) for p in module.parameters() if p.requires_grad]  # what DDP sends
 
     @property
     def _wire_bytes(self) -> int:
@@ -312,8 +308,11 @@ class LoreState(CommState):
         return st
 
     def ranks(self) -> dict[str, int]:
-        """The rank of every compressed matrix (by parameter name), as planned so far."""
-        return {s.name: b.rank for p in self._plans.values() for b in p.batches for s in b.slots}
+        """The rank of every compressed matrix (by parameter name): as planned in the buckets seen
+        so far, else (``compression=``, before the first backward) as the budget gives it."""
+        planned = {s.name: b.rank for p in self._plans.values() for b in p.batches for s in b.slots}
+        budget = {n: r for n, r in self._budget_ranks.items() if r is not None}
+        return {**budget, **planned}
 
 
 def lore_hook(state: LoreState, bucket) -> torch.futures.Future[torch.Tensor]:

@@ -60,14 +60,24 @@ def _elem_bytes(t: torch.Tensor) -> int:
 
 
 def embedding_parameters(module: torch.nn.Module) -> set[int]:
-    """ids of the parameters of embedding modules and of output heads shaped like an
-    embedding table (untied LM heads); tied heads are the embedding's own parameter."""
+    """ids of the parameters of the embedding tables, and of the output head when it has a
+    table's shape (an untied LM head): the module's ``get_output_embeddings()`` (Hugging Face),
+    else its last ``nn.Linear``. A tied head is the table's own parameter; other Linear layers of a
+    table's shape (an MLP projection as wide as a positional table) stay compressed."""
     tables = [m.weight for m in module.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
     found = {id(w) for w in tables}
     shapes = {tuple(w.shape) for w in tables}
-    for m in module.modules():
-        if isinstance(m, torch.nn.Linear) and tuple(m.weight.shape) in shapes:
-            found.add(id(m.weight))
+    head = None
+    if callable(getattr(module, "get_output_embeddings", None)):
+        try:
+            head = module.get_output_embeddings()
+        except NotImplementedError:
+            head = None
+    if head is None:
+        linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+        head = linears[-1] if linears else None
+    if isinstance(head, torch.nn.Linear) and tuple(head.weight.shape) in shapes:
+        found.add(id(head.weight))
     return found
 
 
@@ -80,7 +90,8 @@ class CommState:
         dense_name_patterns: parameters whose names contain (or glob-match)
             one of these stay dense.
         dense_embeddings: keep embedding tables (``nn.Embedding``,
-            ``nn.EmbeddingBag``) and output heads of the same shape dense.
+            ``nn.EmbeddingBag``) and an output head of a table's shape dense
+            (``embedding_parameters``); needs ``bind`` to get a module.
         grad_scaler: the ``torch.amp.GradScaler`` that scales this model's loss,
             if any: buckets are compressed in unscaled units, so error buffers
             never mix loss scales.
@@ -137,7 +148,8 @@ class CommState:
     def bind(self, model) -> "CommState":
         """Record stable parameter identities (index and name) of ``model``.
 
-        ``model``: a module (DDP-wrapped or not) or an iterable of (name, param).
+        ``model``: a module (DDP-wrapped or not) or an iterable of (name, param)
+        (then ``dense_embeddings`` finds nothing: only ``dense_name_patterns`` apply).
         Parameter ids are positions in ``named_parameters()`` order, which is
         the same on every rank and across restarts of the same model code.
         With torch.distributed initialized this also joins (collectively) the
@@ -495,26 +507,18 @@ class CommState:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore ``state_dict()``; a collective when torch.distributed is initialized
-        (ranks check that they resumed the same configuration at the same step)."""
+        """Restore ``state_dict()``; a collective (the ranks check together that each loads its own
+        file of the same configuration at the same step, and all raise if one cannot load)."""
         self._drain("load_state_dict")
-        if sd.get("kind") != type(self).__name__:
-            raise ValueError(f"state_dict was saved by {sd.get('kind')}, cannot load into {type(self).__name__}")
-        if sd["world_size"] != self.world_size:
-            raise ValueError(
-                f"state_dict was saved with world size {sd['world_size']} but the process group now has "
-                f"{self.world_size} ranks: error buffers are per rank, so resume with the same world size "
-                f"(or start a new state)")
-        if sd["config"] != self.config():
-            diff = {k: (sd["config"].get(k), v) for k, v in self.config().items() if sd["config"].get(k) != v}
-            raise ValueError(f"state_dict config differs from this state's (saved, current): {diff}; build the "
-                             f"state with the saved configuration (state_dict()['config']) to resume from it")
-        self._check_known(sd["params"])  # unbound: checked when bound
+        problem = self._load_problem(sd)
         saved_by = sd.get("rank")  # absent from files written before lorecomm saved it
         whose = "its own" if saved_by in (None, self._group_rank()) else f"rank {saved_by}'s"
         # checked together on every rank (a rank that raised alone would leave the others waiting)
-        self._agree("checkpoint", {"kind": sd["kind"], "config": sd["config"], "step": sd["step"],
-                                   "file": f"{whose} (error buffers are per rank: load each rank's own file)"})
+        self._agree("checkpoint", {"kind": sd.get("kind"), "config": sd.get("config"), "step": sd.get("step"),
+                                   "file": f"{whose} (error buffers are per rank: load each rank's own file)",
+                                   "problem": problem})
+        if problem:
+            raise ValueError(problem)
         self.step = sd["step"]
         c = sd["counters"]
         self._calls, self._bytes_sent, self._bytes_dense = c["calls"], c["bytes_sent"], c["bytes_dense"]
@@ -539,6 +543,24 @@ class CommState:
                     fresh = self._batch_tensor_specs(batch)
                     for k, t in batch.tensors.items():
                         t[missing] = fresh[k][missing].to(t.device)
+
+    def _load_problem(self, sd: dict) -> str | None:
+        """Why this rank cannot load ``sd``, or None."""
+        if sd.get("kind") != type(self).__name__:
+            return f"state_dict was saved by {sd.get('kind')}, cannot load into {type(self).__name__}"
+        if sd["world_size"] != self.world_size:
+            return (f"state_dict was saved with world size {sd['world_size']} but the process group now has "
+                    f"{self.world_size} ranks: error buffers are per rank, so resume with the same world size "
+                    f"(or start a new state)")
+        if sd["config"] != self.config():
+            diff = {k: (sd["config"].get(k), v) for k, v in self.config().items() if sd["config"].get(k) != v}
+            return (f"state_dict config differs from this state's (saved, current): {diff}; build the "
+                    f"state with the saved configuration (state_dict()['config']) to resume from it")
+        try:
+            self._check_known(sd["params"])  # unbound: checked when bound
+        except ValueError as e:
+            return str(e)
+        return None
 
     def _group_rank(self) -> int:
         return dist.get_rank(self.process_group) if dist.is_available() and dist.is_initialized() else 0

@@ -495,9 +495,30 @@ def test_invalid_lore_configuration_names_the_argument(kwargs, needle):
         lorecomm.LoreState(**kwargs)
 
 
-def test_register_names_the_compressors():
+def test_register_names_the_compressors_and_their_keywords():
+    ddp = DDP.__new__(DDP)  # no process group needed: refused before
+    ddp.process_group = None
     with pytest.raises(ValueError, match="compressor must be one of 'lore', 'greedylore'"):
-        lorecomm.register(DDP.__new__(DDP), compressor="topk")
+        lorecomm.register(ddp, compressor="topk")
+    with pytest.raises(ValueError, match=r"compressor='greedylore' \(GreedyLoreState\) takes no compression; "
+                                         r"it takes process_group, rank, update_interval"):
+        lorecomm.register(ddp, compressor="greedylore", compression=8)
+    with pytest.raises(ValueError, match="pass either state= or config keywords, not both"):
+        lorecomm.register(ddp, state=lorecomm.LoreState(), compressor="greedylore")
+
+
+def _state_on_another_group(rank, world):
+    singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    ddp = DDP(torch.nn.Linear(4, 4), process_group=singles[rank])
+    try:
+        lorecomm.register(ddp, state=lorecomm.LoreState(rank=2))  # the default group: both ranks
+    except ValueError as e:
+        return str(e)
+
+
+def test_register_refuses_a_state_on_another_group_than_ddps():
+    for msg in run_ranks(_state_on_another_group, 2):
+        assert msg is not None and "is not the DDP model's data-parallel group" in msg, msg
 
 
 def test_random_linear_and_dense_validation():
@@ -621,6 +642,13 @@ def test_embeddings_and_heads_are_found_by_module_type():
     tied = TokenModel()
     tied.out.weight = tied.tok.weight
     assert embedding_parameters(tied) == {id(tied.tok.weight)}
+    # an MLP as wide as the positional table has its shape but is no head: it stays compressed
+    ctx, d, vocab = 64, 16, 40
+    lm = torch.nn.ModuleDict({"tok": torch.nn.Embedding(vocab, d), "pos": torch.nn.Embedding(ctx, d),
+                              "up": torch.nn.Linear(d, ctx), "down": torch.nn.Linear(ctx, d),
+                              "head": torch.nn.Linear(d, vocab, bias=False)})
+    assert lm["up"].weight.shape == lm["pos"].weight.shape
+    assert embedding_parameters(lm) == {id(lm["tok"].weight), id(lm["pos"].weight), id(lm["head"].weight)}
 
 
 def _embedding_dense(rank, world):
@@ -896,6 +924,10 @@ def test_compression_budget_counts_only_what_ddp_sends():
     without = lorecomm.LoreState(compression=8).bind(model(False))._budget_ranks
     assert "0.weight" not in with_frozen
     assert with_frozen == without, (with_frozen, without)
+    # bound to (name, param) pairs: the same budget; ranks() lists it before any bucket was planned
+    pairs = lorecomm.LoreState(compression=8).bind(list(model(True).named_parameters()))
+    assert pairs._budget_ranks == without
+    assert pairs.ranks() == {n: r for n, r in without.items() if r is not None} and pairs.ranks()
 
 
 def test_compression_ranks_are_recapped_at_the_planned_shape():
@@ -929,6 +961,28 @@ def _checkpoint_of_another_rank(rank, world):
 def test_a_checkpoint_of_another_rank_is_refused_on_every_rank():
     for msg in run_ranks(_checkpoint_of_another_rank, 2):
         assert msg is not None and '"its own (error buffers are per rank' in msg and "\"rank 0's" in msg, msg
+
+
+def _one_rank_cannot_load(rank, world):
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    state = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind([("w", w)])
+    for _ in range(2):
+        state.reduce(torch.randn(16), [w])
+    sd = state.state_dict()
+    if rank == 1:
+        sd = {**sd, "config": {**sd["config"], "seed": 7}}  # only rank 1's file is of another run
+    try:
+        state.load_state_dict(sd)
+    except ValueError as e:
+        return str(e)
+
+
+def test_a_checkpoint_one_rank_cannot_load_is_refused_on_every_rank():
+    """Not only on the rank whose file is bad (the others would wait for it in the next collective)."""
+    m0, m1 = run_ranks(_one_rank_cannot_load, 2)
+    assert m0 is not None and m1 is not None, (m0, m1)
+    for msg in (m0, m1):
+        assert "the ranks disagree on the checkpoint" in msg and "state_dict config differs" in msg, msg
 
 
 def _rebind_new_wrapper(rank, world):

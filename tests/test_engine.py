@@ -368,3 +368,16 @@ def test_exit_never_hangs_on_a_worker_stuck_in_a_collective(tmp_path):
         procs[1].communicate()
     assert time.monotonic() - t0 < 45, "exit waited for the stuck collective"
     assert procs[0].returncode == 0 and "leaving" in out0[0], out0
+
+
+def test_engine_time_limits_from_the_environment_are_checked(monkeypatch):
+    import lorecomm.engine as le
+
+    monkeypatch.setenv("LORECOMM_ENGINE_TIMEOUT_S", "2.5")
+    assert le._timeout_ms() == 2500
+    for bad in ("30s", "-1", "nan"):
+        monkeypatch.setenv("LORECOMM_ENGINE_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match=f"LORECOMM_ENGINE_TIMEOUT_S='{bad}' is not a number of seconds >= 0"):
+            le._timeout_ms()
+    monkeypatch.delenv("LORECOMM_ENGINE_TIMEOUT_S")
+    assert le._timeout_ms() == 0

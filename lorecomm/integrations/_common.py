@@ -1,6 +1,7 @@
 """Helpers shared by the integrations (not a public API)."""
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Sequence
 
 import torch
@@ -14,12 +15,18 @@ def make_state(state, config: dict, process_group, default_dense_patterns: Seque
 
     if state is not None:
         if config:
-            raise ValueError(f"pass either a state or config keywords, not both (got {sorted(config)})")
+            raise ValueError(f"pass either state= or config keywords, not both (got state= and "
+                             f"{', '.join(sorted(config))}): configure the state itself, or drop state=")
         return state
     config = dict(config)
     name = config.pop("compressor", "lore")
     if name not in COMPRESSORS:
         raise ValueError(f"compressor must be one of {', '.join(map(repr, COMPRESSORS))}; got {name!r}")
+    takes = [k for k in inspect.signature(COMPRESSORS[name]).parameters if k not in ("self", "kwargs")]
+    unknown = sorted(set(config) - set(takes))
+    if unknown:
+        raise ValueError(f"compressor={name!r} ({COMPRESSORS[name].__name__}) takes no {', '.join(unknown)}; "
+                         f"it takes {', '.join(takes)}")
     config.setdefault("process_group", process_group)
     # the stack's embedding / head names: dense for the paper's GreedyLore and the baselines; Lore
     # compresses every matrix by default, as in plain DDP
