@@ -13,8 +13,9 @@ optimizer (AdamW, warm-up + cosine schedule, clip 1.0):
   start on. It launches a collective from a Future callback, which on Gloo aborts with two or
   more buckets, so DDP is built with ``bucket_cap_mb`` above the model size: ONE bucket (all
   methods use the same single bucket). Its bytes are counted by mirroring torch's rule;
-- ``lore``: ``lorecomm.register(ddp, rank=2 x --rank, start_step=...)``, lorecomm's default
-  compressor: bf16 factors at twice PowerSGD's rank send PowerSGD's bytes;
+- ``lore``: ``lorecomm.register(ddp, rank=..., start_step=...)``, lorecomm's default
+  compressor at the largest rank whose bytes per step fit in PowerSGD's (bf16 factors: about
+  twice PowerSGD's rank; ``--lore-rank`` sets it);
 - ``greedylore``: ``lorecomm.register(ddp, compressor="greedylore", rank=..., start_step=...,
   update_interval=...)``, the paper's algorithm.
 
@@ -66,10 +67,19 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from convergence.methods import ALL_METHODS
+    from convergence.models import LM_PRESETS
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:  # before any rank trains
+        parser.error(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(ALL_METHODS)}")
+    if args.preset not in LM_PRESETS:
+        parser.error(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(LM_PRESETS)}")
     from convergence.ddp_runner import run_ddp
     from convergence.report import plot_ddp, text_table, ddp_rows
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     start = args.start_step if args.start_step is not None else max(2, args.steps // 5)
     tau = args.update_interval if args.update_interval is not None else max(1, args.steps // 4)
     lr = args.lr if args.lr is not None else (3e-3 if args.optimizer == "adamw" else 0.1)

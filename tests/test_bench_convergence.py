@@ -101,6 +101,18 @@ def test_compare_help_documents_options():
         assert opt in out
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["bench/compare.py", "--methods", "dense,lorre"], "--methods: unknown method(s) lorre; choose from dense"),
+    (["bench/compare.py", "--preset", "huge"], "--preset: unknown preset 'huge'; choose from tiny"),
+    (["bench/convergence/run_all.py", "--only", "lmm", "--out", "{tmp}"], "--only: unknown workload(s) lmm"),
+])
+def test_bench_refuses_unknown_names_before_training(tmp_path, args, needle):
+    args = [a.format(tmp=tmp_path / "out") for a in args]
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and needle in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 @pytest.mark.skipif(not HAS_SK, reason="digits workloads need scikit-learn (bench extra)")
 def test_run_all_quick_writes_report(tmp_path):
     _run(["bench/convergence/run_all.py", "--quick", "--no-progress", "--out", str(tmp_path)])

@@ -82,6 +82,23 @@ def _refusal(extra_cfg):
     return None
 
 
+def _comm_dtype_warning():
+    import warnings
+
+    import deepspeed
+
+    from lorecomm.integrations import deepspeed as lore_deepspeed
+
+    model = torch.nn.Linear(8, 8)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "communication_data_type": "bf16"}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                           config=cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lore_deepspeed.register(engine, rank=4)
+    return [str(w.message) for w in caught if "communication_data_type" in str(w.message)]
+
+
 def _worker(rank, world_size, compressor):
     import deepspeed
 
@@ -94,6 +111,7 @@ def _worker(rank, world_size, compressor):
     for stage in STAGES:
         out[stage] = dict(dense=_train(rank, None, stage), exact=_train(rank, exact, stage),
                           low=_train(rank, low, stage))
+    out["comm_dtype"] = _comm_dtype_warning()
     # last: a ZeRO-3 engine changes process-wide DeepSpeed state that later engines would see
     # (torch_autocast too leaves process-wide state behind: the autocast refusals come after the others)
     out["refused"] = [_refusal({"managed_gradient_accumulation": False, "zero_optimization": {"stage": 2}}),
@@ -131,6 +149,7 @@ def test_deepspeed_two_ranks(compressor):
         assert r["low"]["stats"]["bytes_by_phase"]["compressed"] < r["exact"]["stats"]["bytes_by_phase"]["compressed"]
         for key in ("dense", "exact", "low"):
             assert torch.equal(results[0][stage][key]["params"], results[1][stage][key]["params"])
+    assert len(r0["comm_dtype"]) == 1 and "is not used: lorecomm sends what its state says" in r0["comm_dtype"][0]
     unmanaged, zero3, fp16_autocast, fp16_autocast_zero1 = r0["refused"]
     assert zero3 is not None and "ZeRO stage 3" in zero3 and "partitions the parameters" in zero3
     assert fp16_autocast is not None and "GradScaler" in fp16_autocast

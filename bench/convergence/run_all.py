@@ -402,6 +402,9 @@ def main(argv=None):
         print(md)
         return saved["workloads"]
     only = set(args.only.split(","))
+    unknown = sorted(only - set(ALL_WORKLOADS.split(",")))
+    if unknown:
+        ap.error(f"--only: unknown workload(s) {', '.join(unknown)}; choose from {ALL_WORKLOADS}")
     cfg = configs(args.quick)
     os.makedirs(args.out, exist_ok=True)
     raw = os.path.join(args.out, "tmp")

@@ -32,7 +32,7 @@ Scaling matches DeepSpeed's ``allreduce_bucket``: the result is the average
 times ``N / dp_world_size`` (1 in plain data parallelism) with
 ``gradient_average=True``, the sum otherwise; ``gradient_predivide_factor``
 only changes where DeepSpeed divides, not the result.
-``communication_data_type`` is not used (lorecomm picks what it sends).
+``communication_data_type`` is not used (lorecomm picks what it sends); register warns if it is set.
 
 ZeRO stages 1 and 2 (``DeepSpeedZeroOptimizer``): each rank owns a
 partition of the optimizer state (stage 1) and of the gradients (stage 2).
@@ -63,6 +63,7 @@ machine, cached under ~/.cache/torch_extensions). lorecomm does not need it;
 from __future__ import annotations
 
 import types
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -203,6 +204,10 @@ def register(engine, state=None, **config):
         raise RuntimeError("engine.enable_backward_allreduce is False: the optimizer (e.g. 1-bit Adam) does its own "
                            "communication; lorecomm cannot be combined with it")
 
+    given = getattr(getattr(engine, "_config", None), "communication_data_type", None)
+    if given is not None:
+        warnings.warn(f"DeepSpeed's communication_data_type ({given}) is not used: lorecomm sends what its "
+                      f"state says (LoreState's wire=, DenseState's dtype=)", stacklevel=2)
     dp_group = groups._get_sequence_data_parallel_group()
     state = make_state(state, config, dp_group)
     check_group(state, dp_group, "the DeepSpeed engine")
