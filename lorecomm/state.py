@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import numbers
 import threading
+import warnings
 import weakref
 from typing import Any, Iterable, Sequence
 
@@ -57,6 +58,13 @@ def check_patterns(name: str, value: Any) -> tuple[str, ...]:
 
 def _elem_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of ``t`` (those of size > 1) from outermost to innermost in memory: DDP lays
+    a gradient out in its bucket in its parameter's memory order."""
+    dims = [d for d in range(t.dim()) if t.shape[d] > 1]
+    return tuple(sorted(dims, key=lambda d: (-t.stride(d), d)))
 
 
 def embedding_parameters(module: torch.nn.Module) -> set[int]:
@@ -121,6 +129,9 @@ class CommState:
         self._pending: dict[str, dict[str, torch.Tensor]] = {}  # loaded, not yet placed
         self._slot_tensors: dict[int, dict[str, torch.Tensor]] = {}  # param_id -> views into batches
         self._slot_names: dict[int, str] = {}
+        # memory order of each parameter's gradient in the bucket when its state was made: E and Q
+        # hold the matrix in that order (e.g. a channels_last conv weight's columns are (h, w, in))
+        self._layouts: dict[str, tuple[int, ...]] = {}
         self._calls = 0
         self._bytes_sent = 0
         self._bytes_dense = 0
@@ -179,10 +190,27 @@ class CommState:
         self._params = {id(p): (i, name) for i, (name, p) in enumerate(named)}
         self._dense_params = dense
         self._plans.clear()
+        self._rekey_by_name({name: i for i, (name, _) in enumerate(named)})
         self._check_known(self._pending)  # a checkpoint loaded before binding: it must fit this model
         if dist.is_available() and dist.is_initialized():
             self._runtime()
         return self
+
+    def _rekey_by_name(self, ids: dict[str, int]) -> None:
+        """Bound anew (parameters replaced, or added before others): the state each parameter
+        already has follows its name to its new position; that of names gone is dropped, said."""
+        kept, names, gone = {}, {}, []
+        for pid, ts in self._slot_tensors.items():
+            name = self._slot_names[pid]
+            if name in ids:
+                kept[ids[name]], names[ids[name]] = ts, name
+            else:
+                gone.append(name)
+        if gone:
+            warnings.warn(f"lorecomm: the model bound now has no parameter {', '.join(sorted(gone)[:5])}"
+                          f"{' ...' if len(gone) > 5 else ''}: their compressor state (error buffers) is dropped",
+                          stacklevel=3)
+        self._slot_tensors, self._slot_names = kept, names
 
     def _identity(self, param: torch.Tensor) -> tuple[int, str]:
         try:
@@ -279,7 +307,9 @@ class CommState:
         pids = {pid for pid, _ in ids}
         for k in [k for k, p in self._plans.items() if pids & set(p.param_ids)]:
             del self._plans[k]
-        self._init_plan_state(plan, buffer.device)
+        # (a shard handed over with shapes= is a flat piece: no memory order of its own)
+        layouts = {name: memory_order(p) for p, (_, name), shape in zip(params, ids, shapes) if tuple(p.shape) == shape}
+        self._init_plan_state(plan, buffer.device, layouts)
         self._agree("bucket plan", self._plan_fingerprint(plan, buffer, described))
         self._plans[key] = plan
         return plan
@@ -302,18 +332,41 @@ class CommState:
         """Fresh batched state tensors of one batch, e.g. {"E": zeros (B, a, b)}."""
         return {}
 
-    def _init_plan_state(self, plan: BucketPlan, device: torch.device) -> None:
+    def _init_plan_state(self, plan: BucketPlan, device: torch.device, layouts: dict) -> None:
         """Allocate the plan's batched state; carry over each parameter's state.
 
         DDP rebuilds its buckets after the first iteration and a checkpoint may
         be loaded before any bucket is seen: per-parameter state (keyed by the
-        stable parameter id, saved by name) moves into the new batches.
+        stable parameter id, saved by name) moves into the new batches, if it was made for
+        the shape and memory order (``layouts``) the gradient has now.
         """
         for batch in plan.batches:
             batch.ids = torch.tensor(batch.param_ids, dtype=torch.int64, device=device)
             batch.tensors = {k: t.to(device) for k, t in self._batch_tensor_specs(batch).items()}
             for i, slot in enumerate(batch.slots):
-                prev = self._slot_tensors.get(slot.param_id) or self._take_pending(slot.name)
+                prev, loaded = self._slot_tensors.get(slot.param_id), False
+                if prev is None:
+                    prev, loaded = self._take_pending(slot.name), True
+                if prev is not None and any(tuple(prev[k].shape) != tuple(t.shape[1:]) for k, t in batch.tensors.items()):
+                    shapes = ", ".join(f"{k} {tuple(prev[k].shape)} vs {tuple(t.shape[1:])}" for k, t in batch.tensors.items())
+                    if loaded:
+                        raise ValueError(
+                            f"the checkpoint's state of {slot.name} does not fit its shape now (saved vs now: "
+                            f"{shapes}): it was saved from a model where {slot.name} had another shape")
+                    warnings.warn(f"lorecomm: {slot.name} changed shape since its state was made ({shapes}): "
+                                  f"it starts afresh", stacklevel=2)
+                    prev = None
+                made, now = self._layouts.get(slot.name), layouts.get(slot.name)
+                if prev is not None and made is not None and now is not None and made != now:
+                    what = (f"{slot.name}'s gradient lies in the bucket in memory order {now}, but its state was "
+                            f"made in order {made} (e.g. a conv weight in channels_last on one side only)")
+                    if loaded:
+                        raise ValueError(f"{what}: convert the model to the memory format of the checkpoint "
+                                         f"(model.to(memory_format=...)) before training from it")
+                    warnings.warn(f"lorecomm: {what}: it starts afresh", stacklevel=2)
+                    prev = None
+                if now is not None:
+                    self._layouts[slot.name] = now
                 if prev is not None:
                     for k, t in batch.tensors.items():
                         t[i].copy_(prev[k])
@@ -504,6 +557,7 @@ class CommState:
                 "nonfinite_steps": self.stats()["nonfinite_steps"],
             },
             "params": params,
+            "layouts": {name: list(order) for name, order in self._layouts.items() if name in params},
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -528,6 +582,8 @@ class CommState:
         self._nonfinite = torch.tensor(c["nonfinite_steps"]) if c["nonfinite_steps"] else None
         placed = self._param_tensors()
         self._pending = {}
+        # the loaded state was made in the checkpoint's memory orders (files before lorecomm saved them: unknown)
+        self._layouts.update({name: tuple(order) for name, order in sd.get("layouts", {}).items()})
         for name, ts in sd["params"].items():
             if name in placed:
                 for k, v in ts.items():
@@ -560,6 +616,19 @@ class CommState:
             self._check_known(sd["params"])  # unbound: checked when bound
         except ValueError as e:
             return str(e)
+        placed = self._param_tensors()  # the rest are checked where they are placed
+        for name, ts in sd["params"].items():
+            for k, v in ts.items():
+                if name in placed and k in placed[name] and tuple(v.shape) != tuple(placed[name][k].shape):
+                    return (f"the checkpoint's state of {name} does not fit its shape now ({k}: saved "
+                            f"{tuple(v.shape)}, now {tuple(placed[name][k].shape)}): it was saved from a model where "
+                            f"{name} had another shape")
+        for name, order in sd.get("layouts", {}).items():
+            if name in placed and self._layouts.get(name, tuple(order)) != tuple(order):
+                return (f"{name}'s gradient lies in the bucket in memory order {self._layouts[name]}, but the "
+                        f"checkpoint's state of it in order {tuple(order)} (e.g. a conv weight in channels_last on "
+                        f"one side only): convert the model to the memory format of the checkpoint "
+                        f"(model.to(memory_format=...)) before loading")
         return None
 
     def _group_rank(self) -> int:

@@ -985,6 +985,120 @@ def test_a_checkpoint_one_rank_cannot_load_is_refused_on_every_rank():
         assert "the ranks disagree on the checkpoint" in msg and "state_dict config differs" in msg, msg
 
 
+def _state_follows_names(rank, world):
+    import warnings
+
+    def model(head_out, first=None):
+        layers = {"body": torch.nn.Linear(8, 8), "head": torch.nn.Linear(8, head_out)}
+        return torch.nn.ModuleDict({**({"first": first} if first is not None else {}), **layers})
+
+    def train(state, m, steps=2):
+        for _ in range(steps):
+            ps = [m["body"].weight, m["head"].weight]
+            state.reduce(torch.cat([torch.randn(p.numel()) for p in ps]), ps)
+
+    out = {}
+    small = model(4)
+    saved = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(small)
+    train(saved, small)
+    sd = saved.state_dict()
+    # a checkpoint whose head had 4 outputs, into a model whose head has 8: named, at load (used
+    # state) or at the first step (fresh state: the state is placed there)
+    m8 = model(8)
+    used = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(m8)
+    train(used, m8)
+    try:
+        used.load_state_dict(sd)
+    except ValueError as e:
+        out["used"] = str(e)
+    fresh = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(m8)
+    fresh.load_state_dict(sd)
+    try:
+        train(fresh, m8, 1)
+    except ValueError as e:
+        out["fresh"] = str(e)
+    # bound anew after layers were added in front of the head (its position shifts, body.weight is gone):
+    # the head's state follows its name; body.weight's is dropped, said
+    before = saved._param_tensors()["head.weight"]["E"].clone()
+    small["body"] = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saved.bind(small)
+    out["dropped"] = [str(w.message) for w in caught if "no parameter" in str(w.message)]
+    out["follows"] = torch.equal(saved._param_tensors()["head.weight"]["E"], before)
+    # the head replaced by one of another shape: it starts afresh, said
+    small["head"] = torch.nn.Linear(8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saved.bind(small)
+        ps = [small["body"][0].weight, small["body"][1].weight, small["head"].weight]
+        saved.reduce(torch.cat([torch.randn(p.numel()) for p in ps]), ps)
+    out["reshaped"] = [str(w.message) for w in caught if "changed shape" in str(w.message)]
+    return out
+
+
+def test_state_follows_parameter_names_and_a_shape_that_changed_is_named():
+    for out in run_ranks(_state_follows_names, 2):
+        for key in ("used", "fresh"):
+            assert "the checkpoint's state of head.weight does not fit its shape now" in out.get(key, ""), out
+        assert out["follows"] is True
+        assert len(out["dropped"]) == 1 and "no parameter body.weight" in out["dropped"][0], out
+        assert len(out["reshaped"]) == 1 and "head.weight changed shape" in out["reshaped"][0], out
+
+
+def _memory_format_changed(rank, world):
+    import warnings
+
+    def conv(fmt):
+        torch.manual_seed(0)
+        return torch.nn.Conv2d(4, 8, 3, bias=False).to(memory_format=fmt)
+
+    def train(state, m, steps=1):
+        for _ in range(steps):
+            state.reduce(torch.randn(m.weight.numel()), [m.weight])
+
+    out = {}
+    m = conv(torch.contiguous_format)
+    saved = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(m)
+    train(saved, m, 2)
+    sd = saved.state_dict()
+    assert sd["layouts"] == {"weight": [0, 1, 2, 3]}, (sd["layouts"], list(sd["params"]))
+    last = conv(torch.channels_last)
+    fresh = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(last)
+    fresh.load_state_dict(sd)
+    try:
+        train(fresh, last)
+    except ValueError as e:
+        out["fresh"] = str(e)
+    used = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(last)
+    train(used, last)
+    try:
+        used.load_state_dict(sd)
+    except ValueError as e:
+        out["used"] = str(e)
+    same = conv(torch.contiguous_format)  # the format it was saved in: loads and trains
+    ok = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(same)
+    ok.load_state_dict(sd)
+    train(ok, same)
+    # converted in the same run: the state starts afresh, said
+    m.to(memory_format=torch.channels_last)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saved.bind(m)
+        train(saved, m)
+    out["converted"] = [str(w.message) for w in caught if "memory order" in str(w.message)]
+    return out
+
+
+def test_a_state_made_in_another_memory_format_is_refused_or_restarted():
+    for out in run_ranks(_memory_format_changed, 2):
+        for key in ("fresh", "used"):
+            msg = out.get(key, "")
+            assert "weight's gradient lies in the bucket in memory order (0, 2, 3, 1)" in msg, out
+            assert "(0, 1, 2, 3)" in msg and "model.to(memory_format=...)" in msg, out
+        assert len(out["converted"]) == 1 and "starts afresh" in out["converted"][0], out
+
+
 def _rebind_new_wrapper(rank, world):
     model = torch.nn.Linear(8, 8)
     state = lorecomm.register(DDP(model), rank=2, start_step=1, min_compression_rate=1.0, auto_dense=False)
