@@ -148,7 +148,7 @@ LORECOMM_PYBIND(engine) {
 
   py::class_<st::LoreStep, Step, std::shared_ptr<st::LoreStep>>(m, "LoreStep")
       .def(py::init([](at::Tensor buffer, std::vector<st::Batch> batches, st::Ranges dense_ranges,
-                       const py::object& wire, int64_t explore, int64_t seed, int64_t step) {
+                       const py::object& wire, int64_t explore, int64_t seed, int64_t step, bool skip_unused) {
              auto s = std::make_shared<st::LoreStep>();
              s->buffer = std::move(buffer);
              s->batches = std::move(batches);
@@ -157,11 +157,12 @@ LORECOMM_PYBIND(engine) {
              s->explore = explore;
              s->seed = seed;
              s->step = step;
+             s->skip_unused = skip_unused;
              s->ok = at::empty({}, s->buffer.options().dtype(at::kBool));
              return s;
            }),
            py::arg("buffer"), py::arg("batches"), py::arg("dense_ranges"), py::arg("wire"), py::arg("explore"),
-           py::arg("seed"), py::arg("step"))
+           py::arg("seed"), py::arg("step"), py::arg("skip_unused") = false)
       .def_readonly("ok", &st::LoreStep::ok);
 
   py::class_<st::LoreWarmupStep, Step, std::shared_ptr<st::LoreWarmupStep>>(m, "LoreWarmupStep")

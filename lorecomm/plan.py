@@ -158,18 +158,20 @@ def lore_rank(m: int, n: int, rank: int, min_compression_rate: float, wire_bytes
     return r if wire_bytes * (m + n) * r * min_compression_rate < 4 * m * n else None
 
 
-def lore_step_bytes(tensors: Iterable[tuple[Sequence[int], int | None]], wire_bytes: int) -> int:
+def lore_step_bytes(tensors: Iterable[tuple[Sequence[int], int | None]], wire_bytes: int,
+                    used_flags: bool = False) -> int:
     """Bytes Lore sends per compressed step for tensors given as (shape, rank):
-    wire_bytes * (a + b) * r for a matrix sent as sketch and factors, wire_bytes
-    per element for a tensor sent dense (rank None). A step that explores sends
-    one sketch column fewer per matrix, so this is the most any step sends."""
+    wire_bytes * (a + b) * r for a matrix sent as sketch and factors (plus one
+    used flag with ``used_flags``), wire_bytes per element for a tensor sent
+    dense (rank None). A step that explores sends one sketch column fewer per
+    matrix, so this is the most any step sends."""
     sent = 0
     for shape, r in tensors:
         if r is None:
             sent += wire_bytes * torch.Size(shape).numel()
         else:
             m, n = matrix_shape(shape)
-            sent += wire_bytes * (m + n) * r
+            sent += wire_bytes * ((m + n) * r + used_flags)
     return sent
 
 

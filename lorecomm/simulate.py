@@ -123,8 +123,10 @@ class SimulatedLore(_Simulated):
 
     def __init__(self, world_size: int, params, rank: int = 32, start_step: int = 1000,
                  min_compression_rate: float = 2.0, explore: float = 0.125, wire: torch.dtype = torch.bfloat16,
-                 seed: int = 0, dense_name_patterns=()):
+                 seed: int = 0, dense_name_patterns=(), skip_unused: bool = False):
         self.explore = explore
+        self.skip_unused = skip_unused  # as LoreState bound to DDP(find_unused_parameters=True)
+        self._unused: set[int] = set()
         self.wire = F64 if wire == torch.float64 else wire
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, True, start_step)
         self.Q: dict[int, torch.Tensor] = {}
@@ -134,6 +136,16 @@ class SimulatedLore(_Simulated):
 
     def _compressed_rank(self, m: int, n: int, rank: int, rate: float) -> int | None:
         return lore_rank(m, n, rank, rate, self._wire_bytes)
+
+    def step(self, grads):
+        self._unused = set()
+        if self.skip_unused and self.t + 1 > self.start_step:
+            # a matrix whose gradient is exactly 0 on every rank (DDP found it unused): one flag per
+            # compressed matrix on the wire
+            self._unused = {p for p in self.compressed_params()
+                            if all(not bool(torch.any(grads[i][p] != 0)) for i in range(self.N))}
+            self.bytes_sent += self._wire_bytes * len(self.compressed_params())
+        return super().step(grads)
 
     @property
     def _wire_bytes(self) -> int:
@@ -170,12 +182,14 @@ class SimulatedLore(_Simulated):
         if k:
             cols.append(probe_matrix(probe_key(self.seed, self.t, p, 3), a, k).double())
         V = _orthonormal(torch.cat(cols, 1))
+        self.bytes_sent += self._wire_bytes * (a * (r - k) + r * b)
+        if p in self._unused:  # sends R = 0; E and Q stay for when it is used again
+            return torch.zeros(a, b, dtype=F64)
         Rs = [_on_wire(V.t() @ h, wire) for h in hs]
         for i in range(self.N):
             self.E[i][p] = hs[i] - V @ Rs[i]
         Rbar = _mean_on_wire(Rs, wire)
         self.Q[p] = self._by_energy(Rbar)
-        self.bytes_sent += self._wire_bytes * (a * (r - k) + r * b)
         return V @ Rbar
 
 

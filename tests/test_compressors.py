@@ -227,3 +227,52 @@ def test_byte_accounting_matches_hand_computed_payloads():
     assert stats["bytes_dense"] == 3 * 4 * numel + 3 * 2 * numel
     assert stats["compression_ratio"] == pytest.approx(stats["bytes_dense"] / stats["bytes_sent"])
     assert out["haar"][0] == [4 * 1 + 4 * (factors + dense_leftover)]
+
+
+# --- Lore and parameters DDP found unused (find_unused_parameters=True) --------------------------
+UNUSED_PARAMS = [("w1", (24, 40)), ("w3", (24, 40)), ("w2", (40, 24)), ("b1", (24,))]
+UNUSED_STEPS = {"w3": (4, 5, 6)}  # zero on every rank: DDP drops its output
+ZERO_ON_RANK0 = {"w2": (5,)}     # zero on one rank only: used, averaged as usual
+
+
+def unused_grads(step: int, rank: int) -> list[torch.Tensor]:
+    gs = structured_grads(step, rank, UNUSED_PARAMS)
+    for p, (name, _) in enumerate(UNUSED_PARAMS):
+        if step in UNUSED_STEPS.get(name, ()) or (rank == 0 and step in ZERO_ON_RANK0.get(name, ())):
+            gs[p] = torch.zeros_like(gs[p])
+    return gs
+
+
+def _unused_run(rank, world, cfg):
+    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in UNUSED_PARAMS]
+    state = lorecomm.LoreState(**cfg).bind([(n, p) for (n, _), p in zip(UNUSED_PARAMS, ps)])
+    state._skip_unused = True  # what binding to DDP(find_unused_parameters=True) sets
+    outs, kept = [], []
+    for t in range(1, 9):
+        buf = torch.cat([g.float().reshape(-1) for g in unused_grads(t, rank)])
+        before = {k: v.clone() for k, v in state._param_tensors().get("w3", {}).items()}
+        state.reduce(buf, ps)
+        outs.append(buf)
+        after = state._param_tensors()["w3"]
+        kept.append(bool(before) and all(torch.equal(before[k], after[k]) for k in before))
+    return outs, kept, state.stats()["bytes_sent"]
+
+
+@pytest.mark.parametrize("explore", [0.0, 1.0])
+def test_lore_keeps_what_an_unused_parameter_owes(explore):
+    """A matrix whose gradient is 0 on every rank (DDP drops its output) sends nothing and keeps E and Q,
+    held against the float64 simulation; one that is 0 on one rank only is averaged as usual."""
+    cfg = dict(rank=2, start_step=2, min_compression_rate=1.5, wire=torch.float32, explore=explore)
+    res = run_ranks(_unused_run, 2, cfg)
+    sim = SimulatedLore(2, UNUSED_PARAMS, skip_unused=True, **cfg)
+    for t in range(1, 9):
+        ref = torch.cat([o.reshape(-1) for o in sim.step([unused_grads(t, i) for i in range(2)])])
+        assert torch.equal(res[0][0][t - 1], res[1][0][t - 1]), f"replicas differ at step {t}"
+        err = (res[0][0][t - 1].double() - ref).abs().max() / ref.abs().max()
+        assert err < 1e-4, f"step {t}: relative error {err:.2e} vs simulation"
+        w3 = slice(24 * 40, 2 * 24 * 40)
+        if t in UNUSED_STEPS["w3"]:
+            assert torch.count_nonzero(res[0][0][t - 1][w3]) == 0
+    for _, kept, nbytes in res:
+        assert kept == [t in UNUSED_STEPS["w3"] for t in range(1, 9)], kept
+        assert nbytes == sim.bytes_sent

@@ -1099,6 +1099,45 @@ def test_a_state_made_in_another_memory_format_is_refused_or_restarted():
         assert len(out["converted"]) == 1 and "starts afresh" in out["converted"][0], out
 
 
+class Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.aux, self.head = torch.nn.Linear(32, 64), torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 4)
+
+    def forward(self, x, use_aux):
+        h = torch.relu(self.fc1(x))
+        return self.head(h + self.aux(h) if use_aux else h)
+
+
+def _unused_branch(rank, world):
+    torch.manual_seed(0)
+    m = Branchy()
+    ddp = DDP(m, find_unused_parameters=True)
+    state = lorecomm.register(ddp, rank=2, start_step=3, auto_dense=False)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    owed = []
+    for step in range(1, 11):
+        use = step <= 5 or step == 10  # unused on every rank for steps 6-9
+        g = torch.Generator().manual_seed(step * 10 + rank)
+        opt.zero_grad()
+        ddp(torch.randn(8, 32, generator=g), use).square().mean().backward()
+        opt.step()
+        owed.append(state._param_tensors()["aux.weight"]["E"].clone())
+    flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    return state._skip_unused, owed, flat
+
+
+def test_a_branch_no_rank_used_keeps_its_error_feedback():
+    """DDP(find_unused_parameters=True) drops the output of a parameter no rank used: Lore keeps what it
+    owes (E) for when it is used again, instead of sending it into the dropped output."""
+    (skips, owed, p0), (_, _, p1) = run_ranks(_unused_branch, 2)
+    assert skips is True and torch.equal(p0, p1)
+    assert owed[4].norm() > 0
+    for t in (5, 6, 7, 8):  # steps 6-9: unchanged
+        assert torch.equal(owed[t], owed[4]), t
+    assert not torch.equal(owed[9], owed[4])  # used again at step 10: sent (E holds the new residual)
+
+
 def _rebind_new_wrapper(rank, world):
     model = torch.nn.Linear(8, 8)
     state = lorecomm.register(DDP(model), rank=2, start_step=1, min_compression_rate=1.0, auto_dense=False)

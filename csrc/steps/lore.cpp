@@ -17,11 +17,17 @@
 // The W directions make the compressor a contraction for every X whatever the
 // tracked part: E_W ||X - V V^T X||^2 <= (1 - k/(a - r + k)) ||X||^2 on an
 // exploring step, so (1 - p/(a - r + 1)) over the coin of probability p.
+// With skip_unused (DDP with find_unused_parameters / static_graph, which drops
+// the output of a parameter no rank used), one flag per matrix rides after the
+// sketches: a matrix whose gradient is exactly 0 on every rank sends R = 0 and
+// keeps its E and Q, so what it owes is sent when it is used again, not lost.
 // A non-finite value anywhere in the bucket (on any rank) rides in the first
 // sketch value; the step then reaches the optimizer as NaN and E and Q stay
 // as they were. fp16 buckets update E only after their output was checked.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+
+#include <cmath>
 
 #include "common.h"
 #include "steps.h"
@@ -66,21 +72,28 @@ void LoreStep::run(engine::Comm& comm) {
   const double N = comm.world_size();
   const bool deferred = buf.scalar_type() == at::kHalf;  // E only after the fp16 output is checked
   const int64_t dense_numel = numel_of(dense_ranges);
-  int64_t sketch = 0, factors = 0;
+  int64_t sketch = 0, factors = 0, matrices = 0;
   // the random directions of each batch: `explore`, but at least one tracked direction
   auto k_of = [&](const Batch& b) { return std::min(explore, b.rank - 1); };
   for (const auto& b : batches) {
     sketch += b.B() * b.a() * (b.rank - k_of(b));
     factors += b.B() * b.rank * b.b();
+    matrices += b.B();
   }
-  // 1. sketches of the tracked range (fp32), then the wire dtype
-  Tensor y = at::empty({sketch}, fopts);
+  // 1. sketches of the tracked range (fp32), then the wire dtype; the used flags after them
+  Tensor y = at::empty({sketch + (skip_unused ? matrices : 0)}, fopts);
   int64_t pos = 0;
   for (const auto& b : batches) {
     const int64_t t = b.rank - k_of(b), n = b.B() * b.a() * t;
     Tensor Qt = b.Q.narrow(1, 0, t);
     y.narrow(0, pos, n).view({b.B(), b.a(), t}).copy_(call1("lorecomm::range_sketch", {b.G, b.E, Qt}));
     pos += n;
+  }
+  if (skip_unused) {
+    for (const auto& b : batches) {
+      y.narrow(0, pos, b.B()).copy_(at::linalg_vector_norm(b.G, INFINITY, {1, 2}, false, at::kFloat).ne(0));
+      pos += b.B();
+    }
   }
   if (dense_numel > 0) {
     // a non-finite dense leftover must skip the step too: its NaN rides in the first sketch value
@@ -96,6 +109,20 @@ void LoreStep::run(engine::Comm& comm) {
   Tensor w2 = at::empty({factors + dense_numel}, fopts.dtype(wire));
   const Tensor update_now = deferred ? at::zeros_like(ok_now) : ok_now;
   std::vector<Tensor> V(batches.size());
+  // the matrices no rank used (skip_unused; the same on every rank: read from the reduced flags)
+  std::vector<Tensor> unused(batches.size()), kept_E(batches.size());
+  if (skip_unused) {
+    int64_t upos = sketch;
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const int64_t B = batches[i].B();
+      Tensor idx = w1.narrow(0, upos, B).eq(0).nonzero().squeeze(1);
+      upos += B;
+      if (idx.numel() > 0) {
+        unused[i] = idx;
+        kept_E[i] = batches[i].E.index_select(0, idx);
+      }
+    }
+  }
   pos = 0;
   int64_t fpos = 0;
   for (size_t i = 0; i < batches.size(); ++i) {
@@ -110,6 +137,10 @@ void LoreStep::run(engine::Comm& comm) {
     V[i] = orthonormal_columns(cols);
     Tensor R = w2.narrow(0, fpos, B * r * n).view({B, r, n});
     call0("lorecomm::project_residual", {b.G, b.E, V[i], R, update_now});
+    if (unused[i].defined()) {
+      R.index_fill_(0, unused[i], 0);
+      if (!deferred) b.E.index_copy_(0, unused[i], kept_E[i]);
+    }
     fpos += B * r * n;
   }
   Tensor dense = w2.narrow(0, factors, dense_numel);
@@ -137,10 +168,15 @@ void LoreStep::run(engine::Comm& comm) {
       Tensor G0 = local.as_strided(b.G.sizes(), b.G.strides(), b.G.storage_offset() - buf.storage_offset());
       Tensor scratch = at::empty({b.B(), b.rank, b.b()}, fopts.dtype(wire));
       call0("lorecomm::project_residual", {G0, b.E, V[i], scratch, ok_final});
+      if (unused[i].defined()) b.E.index_copy_(0, unused[i], kept_E[i]);
     }
   }
   // the next warm start: Rbar's rows by decreasing energy (the weakest are dropped first)
-  for (size_t i = 0; i < batches.size(); ++i) batches[i].Q.copy_(at::where(ok_final, by_energy(Rbars[i]), batches[i].Q));
+  for (size_t i = 0; i < batches.size(); ++i) {
+    Tensor next = by_energy(Rbars[i]);
+    if (unused[i].defined()) next.index_copy_(0, unused[i], batches[i].Q.index_select(0, unused[i]));
+    batches[i].Q.copy_(at::where(ok_final, next, batches[i].Q));
+  }
   ok.copy_(ok_final);
 }
 
