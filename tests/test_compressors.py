@@ -243,13 +243,13 @@ def unused_grads(step: int, rank: int) -> list[torch.Tensor]:
     return gs
 
 
-def _unused_run(rank, world, cfg):
+def _unused_run(rank, world, cfg, dtype=torch.float32):
     ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in UNUSED_PARAMS]
     state = lorecomm.LoreState(**cfg).bind([(n, p) for (n, _), p in zip(UNUSED_PARAMS, ps)])
     state._skip_unused = True  # what binding to DDP(find_unused_parameters=True) sets
     outs, kept = [], []
     for t in range(1, 9):
-        buf = torch.cat([g.float().reshape(-1) for g in unused_grads(t, rank)])
+        buf = torch.cat([g.to(dtype).reshape(-1) for g in unused_grads(t, rank)])
         before = {k: v.clone() for k, v in state._param_tensors().get("w3", {}).items()}
         state.reduce(buf, ps)
         outs.append(buf)
@@ -276,3 +276,11 @@ def test_lore_keeps_what_an_unused_parameter_owes(explore):
     for _, kept, nbytes in res:
         assert kept == [t in UNUSED_STEPS["w3"] for t in range(1, 9)], kept
         assert nbytes == sim.bytes_sent
+
+
+def test_lore_keeps_what_an_unused_parameter_owes_in_fp16_buckets():
+    """fp16 buckets update E only after the output was checked: the unused matrix's E stays there too."""
+    cfg = dict(rank=2, start_step=2, min_compression_rate=1.5, explore=0.0)
+    for outs, kept, _ in run_ranks(_unused_run, 2, cfg, torch.float16):
+        assert kept == [t in UNUSED_STEPS["w3"] for t in range(1, 9)], kept
+        assert all(torch.isfinite(o).all() for o in outs)
