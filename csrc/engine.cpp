@@ -207,6 +207,11 @@ void run_item(Core& core, Item& it) {
     core.running = true;
   }
   std::exception_ptr err;
+#ifdef LORECOMM_WITH_CUDA
+  // held until the future is completed below: markCompleted records its events on the current
+  // stream, which must be the engine's, so that consumers wait for the step's kernels and collectives
+  std::optional<c10::cuda::CUDAStreamGuard> sguard;
+#endif
   if (prior) {
     err = std::make_exception_ptr(std::runtime_error(
         "lorecomm engine: " + step.label + " not run: an earlier bucket failed (" + *prior +
@@ -232,7 +237,6 @@ void run_item(Core& core, Item& it) {
         throw StageError("lorecomm engine: " + step.label + " (" + step.kind() + "): bad input: " + message_of(e));
       }
 #ifdef LORECOMM_WITH_CUDA
-      std::optional<c10::cuda::CUDAStreamGuard> sguard;
       if (step.buffer.is_cuda() && !core.inline_mode) {
         const int dev = step.buffer.device().index();
         if (!core.stream || core.stream_device != dev) {
@@ -305,7 +309,7 @@ void run_item(Core& core, Item& it) {
     core.busy_s += t1 - t0;
     if (core.timeline.size() < 100000) core.timeline.push_back({it.seq, it.submit_s, t0, t1, err != nullptr});
   }
-  // completes on the current stream (the engine's on GPU): consumers are ordered after it
+  // completes on the current stream (the engine's on GPU, sguard): consumers are ordered after it
   complete(core, it, err);
 }
 
