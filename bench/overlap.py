@@ -35,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
@@ -213,6 +214,9 @@ def _worker(rank, world_size, port, args, q):
                          f"{t_step * 1e3:.1f}", f"{exposed * 1e3:.1f}", f"{exposed / t_bwd:.0%}", f"{overlap:.0%}",
                          len(msgs), f"{nbytes / 2**20:.2f}"])
             dist.barrier()
+        if rank == 0 and args.out:  # the sizes so far: a run cut short (a time limit) still leaves them
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(render(args, rows, partial=size != args.sizes[-1]))
     if rank == 0:
         q.put(rows)
     exit_rank()  # SimpleQueue.put is synchronous; exit_rank says why not a normal exit
@@ -247,13 +251,19 @@ def main(argv=None):
         print(f"skipping {skipped}", file=sys.stderr)
     import torch.multiprocessing as mp
 
+    args.skipped, args.argv = skipped, list(argv if argv is not None else sys.argv[1:])
     q = mp.get_context("spawn").SimpleQueue()
     cu.spawn(_worker, args.world_size, args, q)
     rows = q.get()
+    cu.write_result(args.out, render(args, rows))
+    return rows
+
+
+def render(args, rows, partial: bool = False) -> str:
     where = (f"{args.backend.upper() if args.backend == 'nccl' else 'Gloo'}, {args.world_size} ranks, "
              + (torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"))
     text = cu.header(f"Step breakdown: backward / compression / communication / exposed ({where})",
-                     "python bench/overlap.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                     "python bench/overlap.py " + " ".join(args.argv))
     text += (f"\nPre-LN transformer LM (embedding + encoder layers + head), batch {args.batch} x seq {args.seq}, "
              f"rank {args.rank}, buckets {args.bucket_mb} MB, {args.threads} torch thread(s) per rank, medians "
              f"of {args.steps} steps. Times in ms; 'exposed/bwd' = exposed / backward (the overlap target: under 10% "
@@ -261,10 +271,11 @@ def main(argv=None):
              + (" CPU only: GPU stream overlap is not measured here." if args.device == "cpu" else "") + "\n\n")
     text += cu.md_table(["model", "params", "method", "backward", "compress", "comm", "step", "exposed",
                          "exposed/bwd", "overlap", "msgs", "MB/step"], rows)
-    if skipped:
-        text += f"\nNot run: {'; '.join(skipped)}.\n"
-    cu.write_result(args.out, text)
-    return rows
+    if args.skipped:
+        text += f"\nNot run: {'; '.join(args.skipped)}.\n"
+    if partial:
+        text += "\nPartial: the run stopped before its last size.\n"
+    return text
 
 
 if __name__ == "__main__":

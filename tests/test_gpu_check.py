@@ -51,3 +51,34 @@ def test_a_stage_without_budget_fails_the_check(tmp_path):
 def test_without_a_gpu_the_real_check_refuses(tmp_path):
     p = _run("--out", str(tmp_path), timeout=120)
     assert p.returncode == 2 and "--dry-run" in p.stderr, p.stderr
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_summary_reads_wrong_results_partial_runs_and_only_lorecomms_rows():
+    gc = _gpu_check_module()
+    row = dict(impl="triton", op="decompress", B=1, a=64, b=64, r=8, copy_frac=0.9, speedup=3.0)
+    assert gc.kernel_targets([{**row, "relerr": 1e-6}])[0].startswith("met: decompress")
+    assert gc.kernel_targets([{**row, "relerr": 0.5}])[0].startswith("WRONG: decompress")  # fast and wrong
+    table = "\n".join([
+        "| model | params | method | backward | compress | comm | step | exposed | exposed/bwd | overlap | msgs | MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| small | 1M | dense | 10.0 | 0.0 | 30.0 | 40.0 | 30.0 | 300% | 0% | 2 | 4 |",
+        "| small | 1M | powersgd (1 bucket) | 10.0 | 5.0 | 1.0 | 20.0 | 10.0 | 100% | 0% | 2 | 1 |",
+        "| small | 1M | lore | 10.0 | 5.0 | 1.0 | 10.5 | 0.5 | 5% | 90% | 2 | 1 |"])
+    lines = gc.overlap_targets(table)
+    assert len(lines) == 1 and lines[0].startswith("met: overlap small lore"), lines  # torch's hook is not ours
+
+
+def test_a_missing_or_cut_junit_file_is_said(tmp_path):
+    gc = _gpu_check_module()
+    assert "cut short" in gc.junit_summary(tmp_path / "none.xml")["missing"]
+    (tmp_path / "cut.xml").write_text("<testsuites><testsuite tests='3'")
+    assert "unreadable" in gc.junit_summary(tmp_path / "cut.xml")["missing"]
