@@ -19,8 +19,9 @@
 // exploring step, so (1 - p/(a - r + 1)) over the coin of probability p.
 // With skip_unused (DDP with find_unused_parameters / static_graph, which drops
 // the output of a parameter no rank used), one flag per matrix rides after the
-// sketches: a matrix whose gradient is exactly 0 on every rank sends R = 0 and
-// keeps its E and Q, so what it owes is sent when it is used again, not lost.
+// sketches: a matrix whose gradient is exactly 0 on every rank is projected on
+// V = 0, so it sends R = 0 and keeps its E exactly (and its Q), and what it owes
+// is sent when it is used again, not lost.
 // A non-finite value anywhere in the bucket (on any rank) rides in the first
 // sketch value; the step then reaches the optimizer as NaN and E and Q stay
 // as they were. fp16 buckets update E only after their output was checked.
@@ -109,18 +110,14 @@ void LoreStep::run(engine::Comm& comm) {
   Tensor w2 = at::empty({factors + dense_numel}, fopts.dtype(wire));
   const Tensor update_now = deferred ? at::zeros_like(ok_now) : ok_now;
   std::vector<Tensor> V(batches.size());
-  // the matrices no rank used (skip_unused; the same on every rank: read from the reduced flags)
-  std::vector<Tensor> unused(batches.size()), kept_E(batches.size());
+  // the matrices no rank used (skip_unused; the same on every rank: read from the reduced flags), as
+  // a (B, 1, 1) mask on the device: no host sync
+  std::vector<Tensor> unused(batches.size());
   if (skip_unused) {
     int64_t upos = sketch;
     for (size_t i = 0; i < batches.size(); ++i) {
-      const int64_t B = batches[i].B();
-      Tensor idx = w1.narrow(0, upos, B).eq(0).nonzero().squeeze(1);
-      upos += B;
-      if (idx.numel() > 0) {
-        unused[i] = idx;
-        kept_E[i] = batches[i].E.index_select(0, idx);
-      }
+      unused[i] = w1.narrow(0, upos, batches[i].B()).eq(0).view({-1, 1, 1});
+      upos += batches[i].B();
     }
   }
   pos = 0;
@@ -135,12 +132,11 @@ void LoreStep::run(engine::Comm& comm) {
       cols = at::cat({cols, W}, 2);
     }
     V[i] = orthonormal_columns(cols);
+    // an unused matrix (G = 0 on every rank, so H = E) projected on V = 0: R = 0 and E = H - 0 = E
+    // exactly, and its output V Rbar = 0
+    if (unused[i].defined()) V[i] = at::where(unused[i], at::zeros_like(V[i]), V[i]);
     Tensor R = w2.narrow(0, fpos, B * r * n).view({B, r, n});
     call0("lorecomm::project_residual", {b.G, b.E, V[i], R, update_now});
-    if (unused[i].defined()) {
-      R.index_fill_(0, unused[i], 0);
-      if (!deferred) b.E.index_copy_(0, unused[i], kept_E[i]);
-    }
     fpos += B * r * n;
   }
   Tensor dense = w2.narrow(0, factors, dense_numel);
@@ -168,13 +164,12 @@ void LoreStep::run(engine::Comm& comm) {
       Tensor G0 = local.as_strided(b.G.sizes(), b.G.strides(), b.G.storage_offset() - buf.storage_offset());
       Tensor scratch = at::empty({b.B(), b.rank, b.b()}, fopts.dtype(wire));
       call0("lorecomm::project_residual", {G0, b.E, V[i], scratch, ok_final});
-      if (unused[i].defined()) b.E.index_copy_(0, unused[i], kept_E[i]);
     }
   }
   // the next warm start: Rbar's rows by decreasing energy (the weakest are dropped first)
   for (size_t i = 0; i < batches.size(); ++i) {
     Tensor next = by_energy(Rbars[i]);
-    if (unused[i].defined()) next.index_copy_(0, unused[i], batches[i].Q.index_select(0, unused[i]));
+    if (unused[i].defined()) next = at::where(unused[i], batches[i].Q, next);  // unused: Q stays
     batches[i].Q.copy_(at::where(ok_final, next, batches[i].Q));
   }
   ok.copy_(ok_final);
