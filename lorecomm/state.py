@@ -338,40 +338,54 @@ class CommState:
         DDP rebuilds its buckets after the first iteration and a checkpoint may
         be loaded before any bucket is seen: per-parameter state (keyed by the
         stable parameter id, saved by name) moves into the new batches, if it was made for
-        the shape and memory order (``layouts``) the gradient has now.
+        the shape and memory order (``layouts``) the gradient has now. Everything is checked
+        before anything changes: a checkpoint that does not fit raises, and stays pending.
         """
-        for batch in plan.batches:
-            batch.ids = torch.tensor(batch.param_ids, dtype=torch.int64, device=device)
-            batch.tensors = {k: t.to(device) for k, t in self._batch_tensor_specs(batch).items()}
+        fresh = [{k: t.to(device) for k, t in self._batch_tensor_specs(batch).items()} for batch in plan.batches]
+        placed = []
+        for batch, tensors in zip(plan.batches, fresh):
             for i, slot in enumerate(batch.slots):
-                prev, loaded = self._slot_tensors.get(slot.param_id), False
-                if prev is None:
-                    prev, loaded = self._take_pending(slot.name), True
-                if prev is not None and any(tuple(prev[k].shape) != tuple(t.shape[1:]) for k, t in batch.tensors.items()):
-                    shapes = ", ".join(f"{k} {tuple(prev[k].shape)} vs {tuple(t.shape[1:])}" for k, t in batch.tensors.items())
-                    if loaded:
-                        raise ValueError(
-                            f"the checkpoint's state of {slot.name} does not fit its shape now (saved vs now: "
-                            f"{shapes}): it was saved from a model where {slot.name} had another shape")
-                    warnings.warn(f"lorecomm: {slot.name} changed shape since its state was made ({shapes}): "
-                                  f"it starts afresh", stacklevel=2)
-                    prev = None
-                made, now = self._layouts.get(slot.name), layouts.get(slot.name)
-                if prev is not None and made is not None and now is not None and made != now:
-                    what = (f"{slot.name}'s gradient lies in the bucket in memory order {now}, but its state was "
-                            f"made in order {made} (e.g. a conv weight in channels_last on one side only)")
-                    if loaded:
-                        raise ValueError(f"{what}: convert the model to the memory format of the checkpoint "
-                                         f"(model.to(memory_format=...)) before training from it")
-                    warnings.warn(f"lorecomm: {what}: it starts afresh", stacklevel=2)
-                    prev = None
-                if now is not None:
-                    self._layouts[slot.name] = now
-                if prev is not None:
-                    for k, t in batch.tensors.items():
-                        t[i].copy_(prev[k])
-                self._slot_tensors[slot.param_id] = {k: t[i] for k, t in batch.tensors.items()}
-                self._slot_names[slot.param_id] = slot.name
+                prev = self._slot_tensors.get(slot.param_id)
+                loaded = prev is None
+                if loaded:
+                    prev = self._pending.get(slot.name)
+                keep = [] if prev is None else self._fitting(slot.name, prev, tensors, layouts.get(slot.name), loaded)
+                placed.append((batch, i, slot, prev, keep, loaded))
+        for batch, tensors in zip(plan.batches, fresh):
+            batch.ids = torch.tensor(batch.param_ids, dtype=torch.int64, device=device)
+            batch.tensors = tensors
+        for batch, i, slot, prev, keep, loaded in placed:
+            if loaded and prev is not None:
+                del self._pending[slot.name]
+            for k in keep:
+                batch.tensors[k][i].copy_(prev[k])
+            if slot.name in layouts:
+                self._layouts[slot.name] = layouts[slot.name]
+            self._slot_tensors[slot.param_id] = {k: t[i] for k, t in batch.tensors.items()}
+            self._slot_names[slot.param_id] = slot.name
+
+    def _fitting(self, name: str, prev: dict, tensors: dict, layout, loaded: bool) -> list[str]:
+        """The state tensors of ``prev`` that fit the new slot. A checkpoint's that do not fit raise;
+        a carried state (a rebind) restarts what does not fit, said."""
+        made = self._layouts.get(name)
+        if made is not None and layout is not None and made != layout:
+            what = (f"{name}'s gradient lies in the bucket in memory order {layout}, but its state was made in "
+                    f"order {made} (e.g. a conv weight in channels_last on one side only)")
+            if loaded:
+                raise ValueError(f"{what}: convert the model to the memory format of the checkpoint "
+                                 f"(model.to(memory_format=...)) before training from it")
+            warnings.warn(f"lorecomm: {what}: it starts afresh", stacklevel=3)
+            return []
+        misfit = {k: (tuple(prev[k].shape), tuple(t.shape[1:])) for k, t in tensors.items()
+                  if tuple(prev[k].shape) != tuple(t.shape[1:])}
+        if misfit:
+            shapes = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in misfit.items())
+            if loaded:
+                raise ValueError(f"the checkpoint's state of {name} does not fit its shape now (saved vs now: "
+                                 f"{shapes}): it was saved from a model where {name} had another shape")
+            warnings.warn(f"lorecomm: the state of {name} no longer fits ({shapes}: its shape or rank changed): "
+                          f"{', '.join(misfit)} starts afresh", stacklevel=3)
+        return [k for k in tensors if k not in misfit]
 
     def _is_dense_name(self, name: str) -> bool:
         return name_is_dense(name, self.dense_name_patterns)
@@ -402,7 +416,7 @@ class CommState:
         for k in mine:
             vals = [t.get(k) for t in theirs]
             if any(v != vals[0] for v in vals):
-                if isinstance(vals[0], dict):
+                if isinstance(vals[0], dict) and all(isinstance(v, dict) for v in vals):
                     for sub in sorted({s for v in vals for s in v}):
                         sv = [v.get(sub) for v in vals]
                         if any(x != sv[0] for x in sv):
@@ -565,10 +579,11 @@ class CommState:
         file of the same configuration at the same step, and all raise if one cannot load)."""
         self._drain("load_state_dict")
         problem = self._load_problem(sd)
-        saved_by = sd.get("rank")  # absent from files written before lorecomm saved it
+        d = sd if isinstance(sd, dict) else {}
+        saved_by = d.get("rank")  # absent from files written before lorecomm saved it
         whose = "its own" if saved_by in (None, self._group_rank()) else f"rank {saved_by}'s"
         # checked together on every rank (a rank that raised alone would leave the others waiting)
-        self._agree("checkpoint", {"kind": sd.get("kind"), "config": sd.get("config"), "step": sd.get("step"),
+        self._agree("checkpoint", {"kind": d.get("kind"), "config": d.get("config"), "step": d.get("step"),
                                    "file": f"{whose} (error buffers are per rank: load each rank's own file)",
                                    "problem": problem})
         if problem:
@@ -600,8 +615,19 @@ class CommState:
                     for k, t in batch.tensors.items():
                         t[missing] = fresh[k][missing].to(t.device)
 
-    def _load_problem(self, sd: dict) -> str | None:
-        """Why this rank cannot load ``sd``, or None."""
+    def _load_problem(self, sd) -> str | None:
+        """Why this rank cannot load ``sd``, or None (never raises: every rank must reach the agreement)."""
+        if not isinstance(sd, dict):
+            return f"state_dict must be the dict a lorecomm state's state_dict() returned, got {type(sd).__name__}"
+        missing = [k for k in ("kind", "world_size", "config", "params", "step", "counters") if k not in sd]
+        if missing:
+            return f"state_dict lacks {', '.join(missing)}: it is not a lorecomm state's state_dict()"
+        try:
+            return self._unfit(sd)
+        except Exception as e:  # noqa: BLE001  (a malformed file: said on every rank, not raised on one)
+            return f"state_dict could not be read ({e!r}): it is not a lorecomm state's state_dict()"
+
+    def _unfit(self, sd: dict) -> str | None:
         if sd.get("kind") != type(self).__name__:
             return f"state_dict was saved by {sd.get('kind')}, cannot load into {type(self).__name__}"
         if sd["world_size"] != self.world_size:
@@ -645,9 +671,6 @@ class CommState:
                 f"state_dict holds state for {len(unknown)} parameter(s) this model does not have "
                 f"(e.g. {', '.join(unknown[:3])}; the model's are e.g. {', '.join(sorted(known)[:3])}): it was "
                 f"saved from a different model, or under other parameter names (a wrapper's prefix?)")
-
-    def _take_pending(self, name: str) -> dict[str, torch.Tensor] | None:
-        return self._pending.pop(name, None)
 
     # ------------------------------------------------------------ consistency
     def _shared_state(self) -> list[torch.Tensor]:

@@ -963,26 +963,29 @@ def test_a_checkpoint_of_another_rank_is_refused_on_every_rank():
         assert msg is not None and '"its own (error buffers are per rank' in msg and "\"rank 0's" in msg, msg
 
 
-def _one_rank_cannot_load(rank, world):
+def _one_rank_cannot_load(rank, world, case):
     w = torch.nn.Parameter(torch.zeros(4, 4))
     state = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind([("w", w)])
     for _ in range(2):
         state.reduce(torch.randn(16), [w])
     sd = state.state_dict()
-    if rank == 1:
-        sd = {**sd, "config": {**sd["config"], "seed": 7}}  # only rank 1's file is of another run
+    if rank == 1:  # only rank 1's file is of another run, or no lorecomm file at all
+        sd = {"config": {**sd, "config": {**sd["config"], "seed": 7}}, "empty": {}, "list": [1, 2]}[case]
     try:
         state.load_state_dict(sd)
     except ValueError as e:
         return str(e)
 
 
-def test_a_checkpoint_one_rank_cannot_load_is_refused_on_every_rank():
+@pytest.mark.parametrize("case, needle", [("config", "state_dict config differs"),
+                                          ("empty", "state_dict lacks kind, world_size"),
+                                          ("list", "state_dict must be the dict")])
+def test_a_checkpoint_one_rank_cannot_load_is_refused_on_every_rank(case, needle):
     """Not only on the rank whose file is bad (the others would wait for it in the next collective)."""
-    m0, m1 = run_ranks(_one_rank_cannot_load, 2)
+    m0, m1 = run_ranks(_one_rank_cannot_load, 2, case)
     assert m0 is not None and m1 is not None, (m0, m1)
     for msg in (m0, m1):
-        assert "the ranks disagree on the checkpoint" in msg and "state_dict config differs" in msg, msg
+        assert "the ranks disagree on the checkpoint" in msg and needle in msg, msg
 
 
 def _state_follows_names(rank, world):
@@ -1013,10 +1016,11 @@ def _state_follows_names(rank, world):
         out["used"] = str(e)
     fresh = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(m8)
     fresh.load_state_dict(sd)
-    try:
-        train(fresh, m8, 1)
-    except ValueError as e:
-        out["fresh"] = str(e)
+    for attempt in ("fresh", "again"):  # refused, and still refused: the checkpoint stays pending
+        try:
+            train(fresh, m8, 1)
+        except ValueError as e:
+            out[attempt] = str(e)
     # bound anew after layers were added in front of the head (its position shifts, body.weight is gone):
     # the head's state follows its name; body.weight's is dropped, said
     before = saved._param_tensors()["head.weight"]["E"].clone()
@@ -1033,17 +1037,18 @@ def _state_follows_names(rank, world):
         saved.bind(small)
         ps = [small["body"][0].weight, small["body"][1].weight, small["head"].weight]
         saved.reduce(torch.cat([torch.randn(p.numel()) for p in ps]), ps)
-    out["reshaped"] = [str(w.message) for w in caught if "changed shape" in str(w.message)]
+    out["reshaped"] = [str(w.message) for w in caught if "no longer fits" in str(w.message)]
     return out
 
 
 def test_state_follows_parameter_names_and_a_shape_that_changed_is_named():
     for out in run_ranks(_state_follows_names, 2):
-        for key in ("used", "fresh"):
+        for key in ("used", "fresh", "again"):
             assert "the checkpoint's state of head.weight does not fit its shape now" in out.get(key, ""), out
         assert out["follows"] is True
         assert len(out["dropped"]) == 1 and "no parameter body.weight" in out["dropped"][0], out
-        assert len(out["reshaped"]) == 1 and "head.weight changed shape" in out["reshaped"][0], out
+        assert len(out["reshaped"]) == 1 and "the state of head.weight no longer fits" in out["reshaped"][0], out
+        assert "E (4, 8) vs (8, 8)" in out["reshaped"][0] and "): E starts afresh" in out["reshaped"][0], out  # Q (2, 8) fits
 
 
 def _memory_format_changed(rank, world):
