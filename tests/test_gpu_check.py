@@ -62,11 +62,12 @@ def _gpu_check_module():
     return mod
 
 
-def test_the_summary_reads_wrong_results_partial_runs_and_only_lorecomms_rows():
+def test_the_summary_reads_wrong_results_and_only_lorecomms_rows():
     gc = _gpu_check_module()
     row = dict(impl="triton", op="decompress", B=1, a=64, b=64, r=8, copy_frac=0.9, speedup=3.0)
     assert gc.kernel_targets([{**row, "relerr": 1e-6}])[0].startswith("met: decompress")
     assert gc.kernel_targets([{**row, "relerr": 0.5}])[0].startswith("WRONG: decompress")  # fast and wrong
+    assert gc.kernel_targets([{**row, "relerr": float("nan")}])[0].startswith("WRONG: decompress")
     table = "\n".join([
         "| model | params | method | backward | compress | comm | step | exposed | exposed/bwd | overlap | msgs | MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
