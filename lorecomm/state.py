@@ -67,6 +67,30 @@ def memory_order(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(sorted(dims, key=lambda d: (-t.stride(d), d)))
 
 
+def state_misfit(name: str, saved: dict, now: dict, made, layout) -> tuple[str | None, dict]:
+    """Whether a parameter's saved state (tensor shapes ``saved``, made in memory order ``made``) fits
+    its slot now (``now``, ``layout``): the memory-order mismatch said, or None, and the tensors whose
+    shapes differ, {key: (saved, now)} (orders unknown on either side are not compared)."""
+    order = None
+    if made is not None and layout is not None and tuple(made) != tuple(layout):
+        order = (f"{name}'s gradient lies in the bucket in memory order {tuple(layout)}, but its state was made in "
+                 f"order {tuple(made)} (e.g. a conv weight in channels_last on one side only)")
+    misfit = {k: (tuple(saved[k]), tuple(now[k])) for k in now if k in saved and tuple(saved[k]) != tuple(now[k])}
+    return order, misfit
+
+
+def _shapes_text(misfit: dict) -> str:
+    return ", ".join(f"{k} {a} vs {b}" for k, (a, b) in misfit.items())
+
+
+def checkpoint_refusal(name: str, order: str | None, misfit: dict) -> str:
+    """Why a checkpoint's state of ``name`` cannot be used, and the fix."""
+    if order:
+        return f"{order}: convert the model to the memory format of the checkpoint (model.to(memory_format=...)) first"
+    return (f"the checkpoint's state of {name} does not fit its shape now (saved vs now: {_shapes_text(misfit)}): "
+            f"it was saved from a model where {name} had another shape")
+
+
 def embedding_parameters(module: torch.nn.Module) -> set[int]:
     """ids of the parameters of the embedding tables, and of the output head when it has a
     table's shape (an untied LM head): the module's ``get_output_embeddings()`` (Hugging Face),
@@ -367,24 +391,16 @@ class CommState:
     def _fitting(self, name: str, prev: dict, tensors: dict, layout, loaded: bool) -> list[str]:
         """The state tensors of ``prev`` that fit the new slot. A checkpoint's that do not fit raise;
         a carried state (a rebind) restarts what does not fit, said."""
-        made = self._layouts.get(name)
-        if made is not None and layout is not None and made != layout:
-            what = (f"{name}'s gradient lies in the bucket in memory order {layout}, but its state was made in "
-                    f"order {made} (e.g. a conv weight in channels_last on one side only)")
-            if loaded:
-                raise ValueError(f"{what}: convert the model to the memory format of the checkpoint "
-                                 f"(model.to(memory_format=...)) before training from it")
-            warnings.warn(f"lorecomm: {what}: it starts afresh", stacklevel=3)
+        order, misfit = state_misfit(name, {k: v.shape for k, v in prev.items()},
+                                     {k: t.shape[1:] for k, t in tensors.items()}, self._layouts.get(name), layout)
+        if loaded and (order or misfit):
+            raise ValueError(checkpoint_refusal(name, order, misfit))
+        if order:
+            warnings.warn(f"lorecomm: {order}: it starts afresh", stacklevel=3)
             return []
-        misfit = {k: (tuple(prev[k].shape), tuple(t.shape[1:])) for k, t in tensors.items()
-                  if tuple(prev[k].shape) != tuple(t.shape[1:])}
         if misfit:
-            shapes = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in misfit.items())
-            if loaded:
-                raise ValueError(f"the checkpoint's state of {name} does not fit its shape now (saved vs now: "
-                                 f"{shapes}): it was saved from a model where {name} had another shape")
-            warnings.warn(f"lorecomm: the state of {name} no longer fits ({shapes}: its shape or rank changed): "
-                          f"{', '.join(misfit)} starts afresh", stacklevel=3)
+            warnings.warn(f"lorecomm: the state of {name} no longer fits ({_shapes_text(misfit)}: its shape or rank "
+                          f"changed): {', '.join(misfit)} starts afresh", stacklevel=3)
         return [k for k in tensors if k not in misfit]
 
     def _is_dense_name(self, name: str) -> bool:
@@ -643,18 +659,13 @@ class CommState:
         except ValueError as e:
             return str(e)
         placed = self._param_tensors()  # the rest are checked where they are placed
-        for name, ts in sd["params"].items():
-            for k, v in ts.items():
-                if name in placed and k in placed[name] and tuple(v.shape) != tuple(placed[name][k].shape):
-                    return (f"the checkpoint's state of {name} does not fit its shape now ({k}: saved "
-                            f"{tuple(v.shape)}, now {tuple(placed[name][k].shape)}): it was saved from a model where "
-                            f"{name} had another shape")
-        for name, order in sd.get("layouts", {}).items():
-            if name in placed and self._layouts.get(name, tuple(order)) != tuple(order):
-                return (f"{name}'s gradient lies in the bucket in memory order {self._layouts[name]}, but the "
-                        f"checkpoint's state of it in order {tuple(order)} (e.g. a conv weight in channels_last on "
-                        f"one side only): convert the model to the memory format of the checkpoint "
-                        f"(model.to(memory_format=...)) before loading")
+        saved_orders = sd.get("layouts", {})
+        for name in sorted(set(sd["params"]) & set(placed)):
+            made = tuple(saved_orders[name]) if name in saved_orders else None
+            order, misfit = state_misfit(name, {k: v.shape for k, v in sd["params"][name].items()},
+                                         {k: t.shape for k, t in placed[name].items()}, made, self._layouts.get(name))
+            if order or misfit:
+                return checkpoint_refusal(name, order, misfit)
         return None
 
     def _group_rank(self) -> int:

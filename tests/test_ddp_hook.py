@@ -988,6 +988,14 @@ def test_a_checkpoint_one_rank_cannot_load_is_refused_on_every_rank(case, needle
         assert "the ranks disagree on the checkpoint" in msg and needle in msg, msg
 
 
+def _value_error(fn, *args):
+    """The message of the ValueError ``fn(*args)`` raises (None if it does not)."""
+    try:
+        fn(*args)
+    except ValueError as e:
+        return str(e)
+
+
 def _state_follows_names(rank, world):
     import warnings
 
@@ -1010,17 +1018,11 @@ def _state_follows_names(rank, world):
     m8 = model(8)
     used = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(m8)
     train(used, m8)
-    try:
-        used.load_state_dict(sd)
-    except ValueError as e:
-        out["used"] = str(e)
+    out["used"] = _value_error(used.load_state_dict, sd)
     fresh = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(m8)
     fresh.load_state_dict(sd)
     for attempt in ("fresh", "again"):  # refused, and still refused: the checkpoint stays pending
-        try:
-            train(fresh, m8, 1)
-        except ValueError as e:
-            out[attempt] = str(e)
+        out[attempt] = _value_error(train, fresh, m8, 1)
     # bound anew after layers were added in front of the head (its position shifts, body.weight is gone):
     # the head's state follows its name; body.weight's is dropped, said
     before = saved._param_tensors()["head.weight"]["E"].clone()
@@ -1044,7 +1046,7 @@ def _state_follows_names(rank, world):
 def test_state_follows_parameter_names_and_a_shape_that_changed_is_named():
     for out in run_ranks(_state_follows_names, 2):
         for key in ("used", "fresh", "again"):
-            assert "the checkpoint's state of head.weight does not fit its shape now" in out.get(key, ""), out
+            assert "the checkpoint's state of head.weight does not fit its shape now" in (out.get(key) or ""), out
         assert out["follows"] is True
         assert len(out["dropped"]) == 1 and "no parameter body.weight" in out["dropped"][0], out
         assert len(out["reshaped"]) == 1 and "the state of head.weight no longer fits" in out["reshaped"][0], out
@@ -1071,16 +1073,10 @@ def _memory_format_changed(rank, world):
     last = conv(torch.channels_last)
     fresh = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(last)
     fresh.load_state_dict(sd)
-    try:
-        train(fresh, last)
-    except ValueError as e:
-        out["fresh"] = str(e)
+    out["fresh"] = _value_error(train, fresh, last)
     used = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(last)
     train(used, last)
-    try:
-        used.load_state_dict(sd)
-    except ValueError as e:
-        out["used"] = str(e)
+    out["used"] = _value_error(used.load_state_dict, sd)
     same = conv(torch.contiguous_format)  # the format it was saved in: loads and trains
     ok = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(same)
     ok.load_state_dict(sd)
@@ -1098,7 +1094,7 @@ def _memory_format_changed(rank, world):
 def test_a_state_made_in_another_memory_format_is_refused_or_restarted():
     for out in run_ranks(_memory_format_changed, 2):
         for key in ("fresh", "used"):
-            msg = out.get(key, "")
+            msg = out.get(key) or ""
             assert "weight's gradient lies in the bucket in memory order (0, 2, 3, 1)" in msg, out
             assert "(0, 1, 2, 3)" in msg and "model.to(memory_format=...)" in msg, out
         assert len(out["converted"]) == 1 and "starts afresh" in out["converted"][0], out
