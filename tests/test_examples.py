@@ -37,9 +37,11 @@ def test_example_runs(script, args, torchrun, needs):
     path = os.path.join(ROOT, "examples", script)
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
            if torchrun else [sys.executable])
-    # faulthandler: an abort prints every thread's Python stack (see below)
+    # faulthandler and native_stacks.py: an abort prints every thread's Python and C++ stacks (see below)
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONWARNINGS="ignore",
                PYTHONFAULTHANDLER="1")
+    if torchrun:
+        cmd.append(os.path.join(ROOT, "tests", "native_stacks.py"))
     p = subprocess.run([*cmd, path, *args], cwd=ROOT, capture_output=True, text=True, timeout=420, env=env)
     out = p.stdout + p.stderr
     if p.returncode != 0 and "terminate called without an active exception" in out and \
@@ -48,7 +50,7 @@ def test_example_runs(script, args, torchrun, needs):
         # completed and checked out, in 2 of the ~10 full-suite runs logged on this machine on 2026-12-01
         # (never in 30 direct runs of the example).
         # Said, with the stacks, and run once more: a second abort, or any other failure, fails.
-        warnings.warn(f"{script} aborted at exit after completing; rerunning once:\n{out[-3000:]}")
+        warnings.warn(f"{script} aborted at exit after completing; rerunning once:\n{out[-20000:]}")
         p = subprocess.run([*cmd, path, *args], cwd=ROOT, capture_output=True, text=True, timeout=420, env=env)
         out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
