@@ -209,13 +209,15 @@ class CommState:
                     "(its error buffers and bases belong to that model's parameters)")
             if bound is None and self._params and owner is not None:
                 raise RuntimeError("this lorecomm state's model was deleted; create a new state")
+        # a checkpoint loaded before binding must fit this model: checked before anything changes,
+        # so a refused bind leaves the state bound as it was
+        self._check_known(self._pending, [name for name, _ in named])
         if owner is not None:
             self._model_ref = weakref.ref(owner)
         self._params = {id(p): (i, name) for i, (name, p) in enumerate(named)}
         self._dense_params = dense
         self._plans.clear()
         self._rekey_by_name({name: i for i, (name, _) in enumerate(named)})
-        self._check_known(self._pending)  # a checkpoint loaded before binding: it must fit this model
         if dist.is_available() and dist.is_initialized():
             self._runtime()
         return self
@@ -671,11 +673,12 @@ class CommState:
     def _group_rank(self) -> int:
         return dist.get_rank(self.process_group) if dist.is_available() and dist.is_initialized() else 0
 
-    def _check_known(self, saved_names) -> None:
-        """Every saved parameter must exist in the bound model, or its state would silently vanish."""
-        if not self._params:
+    def _check_known(self, saved_names, model_names=None) -> None:
+        """Every saved parameter must exist in the model (``model_names``, default the bound one's),
+        or its state would silently vanish."""
+        known = set(model_names) if model_names is not None else {name for _, name in self._params.values()}
+        if not known:
             return
-        known = {name for _, name in self._params.values()}
         unknown = sorted(set(saved_names) - known)
         if unknown:
             raise ValueError(

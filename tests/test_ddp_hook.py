@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -911,6 +912,41 @@ def _load_before_bind(rank, world):
 def test_checkpoint_loaded_before_binding_is_checked_when_bound():
     for msg in run_ranks(_load_before_bind, 2):
         assert msg is not None and "does not have (e.g. inner.w; the model's are e.g. w)" in msg, msg
+
+
+def _refused_bind(rank, world):
+    pa, pb, pc = (torch.nn.Parameter(torch.zeros(4, 4)) for _ in range(3))
+
+    def trained(with_c):
+        s = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind(
+            [("a", pa), ("b", pb), ("c", pc)])
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            s.reduce(torch.randn(32, generator=gen), [pa, pb])
+        if with_c:
+            s.reduce(torch.randn(16, generator=gen), [pc])
+        return s
+
+    state, twin = trained(False), trained(True)
+    sd = twin.state_dict()
+    state.load_state_dict(sd)  # a and b placed at once; c pending (no bucket of this state holds it yet)
+    twin.load_state_dict(sd)
+    assert set(state._pending) == {"c"}, state._pending
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a refused bind must not drop any state ("... is dropped")
+        try:
+            state.bind([("a", pa)])  # the checkpoint has c (and the state has b): refused
+            refused = None
+        except ValueError as e:
+            refused = str(e)
+    g = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    return refused, torch.equal(state.reduce(g.clone(), [pa, pb]), twin.reduce(g.clone(), [pa, pb]))
+
+
+def test_refused_bind_leaves_the_state_as_it_was():
+    refused, same = run_ranks(_refused_bind, 1)[0]
+    assert refused is not None and "does not have (e.g. c;" in refused, refused
+    assert same, "after a refused bind the state must go on exactly as an untouched one"
 
 
 def test_compression_budget_counts_only_what_ddp_sends():
