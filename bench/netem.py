@@ -165,8 +165,9 @@ def worker(args):
 
         le.set_inline(args.inline)
         if args.method == "lore":
-            # 4 dense warm-up steps, 8 compressed and 4 dense steps timed by auto_dense, which decides
-            # at step 17 (in the untimed warm-up when --warmup >= 17): the timed steps show its choice
+            # 4 dense warm-up steps, 8 compressed and 6 dense steps timed by auto_dense (the first 2 of
+            # them not counted), which decides at step 19 (in the untimed warm-up when --warmup >= 19):
+            # the timed steps show its choice
             state = lorecomm.register(ddp, rank=args.lore_rank or 2 * args.rank, start_step=4,
                                       auto_dense=args.auto_dense)
         else:
@@ -205,7 +206,7 @@ def worker(args):
            "warm": warm, "wire": (tx1 - tx0) / args.steps,
            "payload": ((state.stats()["bytes_sent"] - sent0) / args.steps if lorecomm_state
                        else _payload_bytes(args.method, model, state, args.rank)),
-           "numel": sum(p.numel() for p in model.parameters())}
+           "numel": sum(p.numel() for p in model.parameters()), "times": times}
     if args.rank_id == 0:
         print("RESULT " + json.dumps(res), flush=True)
     exit_rank()  # not destroy_process_group + a normal exit: see exit_rank
@@ -274,7 +275,7 @@ def main(argv=None):
     p.add_argument("--lore-rank", type=int, default=None, help="Lore's rank (default 2 x --rank: the same bytes)")
     p.add_argument("--update-interval", type=int, default=200)
     p.add_argument("--probes", default="sketch", choices=["paper", "sketch"])
-    p.add_argument("--warmup", type=int, default=18, help="untimed steps (Lore: 4 dense + auto_dense's 8 + 4)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps (Lore: 4 dense + auto_dense's 8 + 6)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300)

@@ -49,8 +49,8 @@ class LoreState(CommState):
             (torch's PowerSGD rule on an fp32 wire).
         seed: seeds the random draws (same on every rank).
         auto_dense: after ``AUTO_DENSE_STEPS`` compressed steps, send ``AUTO_DENSE_PROBE``
-            steps dense (error buffers flushed into the first), compare the measured cost of
-            the two kinds (CPU: training step wall time; CUDA: the buckets' time on the
+            steps dense (error buffers flushed into the first; the first ``AUTO_DENSE_SETTLE``
+            not timed: they carry the switch), compare the measured cost of the two kinds (CPU: training step wall time; CUDA: the buckets' time on the
             engine's stream), averaged over the ranks so every rank decides the same, and if
             compression does not pay send every bucket dense from then on, else compress
             again. ``stats()["auto_dense"]`` reports the measurement and the choice; the
@@ -65,7 +65,11 @@ class LoreState(CommState):
     AUTO_DENSE_STEPS = 8
     #: then dense steps timed in the same steady state (the warm-up's are no baseline: first
     #: iterations, TCP ramp-up and the tracker's seeding make them slower; measured on netem)
-    AUTO_DENSE_PROBE = 4
+    AUTO_DENSE_PROBE = 6
+    #: of which the first ones are not counted: they carry the switch (the flush, and the link's
+    #: ramp-up to dense-size transfers: on the 10 Gbit/s netem bench the probe's first two steps
+    #: took up to 2x the later ones, which once made auto_dense keep compressing there)
+    AUTO_DENSE_SETTLE = 2
 
     PHASES = ("dense", "compressed")
 
@@ -262,8 +266,10 @@ class LoreState(CommState):
         backward pass for the same cores); on CUDA the buckets' time on the engine's stream."""
         kept = self._timed.get(phase, [])
         if kept and kept[-1][1] and kept[-1][1][0].buffer.is_cuda:
-            return [sum(s.elapsed_seconds() for s in steps) for _, steps in kept[1:]]
-        return [b[0] - a[0] for a, b in zip(kept, kept[1:])]
+            costs = [sum(s.elapsed_seconds() for s in steps) for _, steps in kept[1:]]
+        else:
+            costs = [b[0] - a[0] for a, b in zip(kept, kept[1:])]
+        return costs[self.AUTO_DENSE_SETTLE:] if phase == "dense" else costs
 
     def _decide_dense(self, device) -> None:
         """Every rank goes dense from now on if the compressed steps cost more than the probe's

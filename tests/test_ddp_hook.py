@@ -709,6 +709,19 @@ def test_a_byte_budget_sets_consistent_ranks(compression):
 
 
 # --- auto_dense: where compression does not pay, every rank goes dense alike ---------------------
+def _measured(comp_ms: float) -> dict:
+    """Step timings as auto_dense keeps them (hand-over times), replacing this machine's: the probe's
+    dense steps 0.8, 1.0, 1.2 ms apart once settled (median 1 ms; its first AUTO_DENSE_SETTLE
+    intervals, the switch, 50 ms: counted, they would make the median 1.2 ms), the compressed ones
+    comp_ms apart."""
+    settle, probe = lorecomm.LoreState.AUTO_DENSE_SETTLE, lorecomm.LoreState.AUTO_DENSE_PROBE
+    assert probe - settle - 1 == 3, "the settled intervals below are three"
+    dense = [i * 50e-3 for i in range(settle + 1)]
+    for gap in (0.8e-3, 1.0e-3, 1.2e-3):
+        dense.append(dense[-1] + gap)
+    return {"dense": [(t, []) for t in dense], "compressed": [(i * comp_ms * 1e-3, []) for i in range(8)]}
+
+
 def _auto_dense(rank, world, comp_ms):
     shapes = [("w1", (16, 24)), ("w2", (20, 30))]
     ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
@@ -722,10 +735,9 @@ def _auto_dense(rank, world, comp_ms):
         if t == probe + state.AUTO_DENSE_PROBE:
             # the probe's dense steps were timed, the warm-up's were not
             timed_dense = len(state._timed.get("dense", []))
-            # this machine's measured step times replaced by a known answer: dense steps 1 ms apart,
-            # compressed steps comp_ms[rank] apart; the ranks decide on the mean
-            state._timed = {"dense": [(i * 1e-3, []) for i in range(3)],
-                            "compressed": [(i * comp_ms[rank] * 1e-3, []) for i in range(8)]}
+            # this machine's measured step times replaced by a known answer: settled dense steps 1 ms
+            # apart, compressed steps comp_ms[rank] apart; the ranks decide on the mean
+            state._timed = _measured(comp_ms[rank])
         for i, (buf, p) in enumerate(zip(bufs, ps)):
             state.reduce(buf, [p], None, i == 1)
         out.append((torch.cat(bufs), {n: bool(torch.count_nonzero(ts["E"])) for n, ts in state._param_tensors().items()}))
@@ -779,8 +791,7 @@ def _auto_dense_resumed(rank, world, save_at):
             state, ps = fresh()
             state.load_state_dict(sd)
         if t == origin + K + 1 + D:  # the deciding step: compressed steps measured 3x the dense ones
-            state._timed = {"dense": [(i * 1e-3, []) for i in range(3)],
-                            "compressed": [(i * 3e-3, []) for i in range(8)]}
+            state._timed = _measured(3.0)
         bufs = [torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)]
         for i, (buf, p) in enumerate(zip(bufs, ps)):
             state.reduce(buf, [p], None, i == 1)
@@ -875,8 +886,7 @@ def _auto_dense_decision_fails(rank, world):
     for t in range(1, decides + 3):
         bufs = [torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)]
         if t == decides:  # compressed steps measured 3x the dense ones
-            state._timed = {"dense": [(i * 1e-3, []) for i in range(3)],
-                            "compressed": [(i * 3e-3, []) for i in range(8)]}
+            state._timed = _measured(3.0)
             state._runtime = lambda: Failing
             try:
                 state.reduce(bufs[0], [ps[0]], None, False)
