@@ -361,11 +361,12 @@ def main(argv=None):
             else:  # a fast link: where compression does not pay, no slower than dense
                 text += (f"\nTarget at {rate} (a fast link: no slower than dense): Lore vs dense {md:.2f}x{each(vd)} "
                          f"({'met' if md >= 1 else 'NOT met'}); vs PowerSGD {mp:.2f}x{each(vp)}.\n")
-        if lo and lo.get("auto_dense"):
+        autos = [x.get("auto_dense") for x in runs.get((rate, "lore"), [])]
+        if any(autos):
             # what auto_dense measured and chose in each repeat (its choice drives Lore's row)
-            said = [f"{'dense' if a['dense_from_now'] else 'compressing'} ({a['compressed_step_s'] * 1e3:.0f} vs "
-                    f"{a['dense_step_s'] * 1e3:.0f} ms)" for a in (x.get("auto_dense") for x in runs[(rate, "lore")])
-                    if a]
+            said = [(f"{'dense' if a['dense_from_now'] else 'compressing'} ({a['compressed_step_s'] * 1e3:.0f} vs "
+                     f"{a['dense_step_s'] * 1e3:.0f} ms)") if a and "dense_from_now" in a else "undecided"
+                    for a in autos]
             n_dense = sum(s.startswith("dense") for s in said)
             text += (f"\nauto_dense at {rate} chose dense in {n_dense} of {len(said)} repeats (its measured compressed "
                      f"vs dense step, averaged over the ranks): {', '.join(said)}.\n")

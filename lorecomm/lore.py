@@ -49,8 +49,8 @@ class LoreState(CommState):
             (torch's PowerSGD rule on an fp32 wire).
         seed: seeds the random draws (same on every rank).
         auto_dense: after ``AUTO_DENSE_STEPS`` compressed steps, send ``AUTO_DENSE_PROBE``
-            steps dense (error buffers flushed into the first; the first ``AUTO_DENSE_SETTLE``
-            not timed: they carry the switch), compare the measured cost of the two kinds (CPU: training step wall time; CUDA: the buckets' time on the
+            steps dense (error buffers flushed into the first; only the last 3 timed: the
+            first ones carry the switch, see ``AUTO_DENSE_SETTLE``), compare the measured cost of the two kinds (CPU: training step wall time; CUDA: the buckets' time on the
             engine's stream), averaged over the ranks so every rank decides the same, and if
             compression does not pay send every bucket dense from then on, else compress
             again. ``stats()["auto_dense"]`` reports the measurement and the choice; the

@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-torch._C._set_print_stack_traces_on_fatal_signal(True)
+if hasattr(torch._C, "_set_print_stack_traces_on_fatal_signal"):  # a private API (Linux builds)
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
 script = os.path.abspath(sys.argv[1])
 sys.argv = sys.argv[1:]
 sys.path[0] = os.path.dirname(script)  # as if the script had been run directly

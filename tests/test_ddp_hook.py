@@ -826,7 +826,9 @@ def _auto_dense_edges(rank, world, case):
     probe = 3 + K + 1
     g = torch.Generator().manual_seed(rank)
     owed, timed, sd = {}, None, None
-    for t in range(1, 28 if case == "reload" else 19):
+    # reload: back at step 5 after the choice, run on until the restarted probe's first step (5 + K + 1)
+    last = probe + D + 2 + K if case == "reload" else 18
+    for t in range(1, last + 1):
         if case == "reload" and t == 6:
             sd = state.state_dict()
         if case == "reload" and t == probe + D + 2:  # after its choice, back to step 5
@@ -949,8 +951,11 @@ def _refused_bind(rank, world):
             refused = None
         except ValueError as e:
             refused = str(e)
-    g = torch.randn(32, generator=torch.Generator().manual_seed(1))
-    return refused, torch.equal(state.reduce(g.clone(), [pa, pb]), twin.reduce(g.clone(), [pa, pb]))
+    assert set(state._pending) == {"c"}, state._pending  # the loaded state of c is still there
+    gen = torch.Generator().manual_seed(1)
+    g, gc = torch.randn(32, generator=gen), torch.randn(16, generator=gen)
+    same = torch.equal(state.reduce(g.clone(), [pa, pb]), twin.reduce(g.clone(), [pa, pb]))
+    return refused, same and torch.equal(state.reduce(gc.clone(), [pc]), twin.reduce(gc.clone(), [pc]))
 
 
 def test_refused_bind_leaves_the_state_as_it_was():
