@@ -206,7 +206,7 @@ def worker(args):
            "warm": warm, "wire": (tx1 - tx0) / args.steps,
            "payload": ((state.stats()["bytes_sent"] - sent0) / args.steps if lorecomm_state
                        else _payload_bytes(args.method, model, state, args.rank)),
-           "numel": sum(p.numel() for p in model.parameters()), "times": times}
+           "numel": sum(p.numel() for p in model.parameters())}
     if args.rank_id == 0:
         print("RESULT " + json.dumps(res), flush=True)
     exit_rank()  # not destroy_process_group + a normal exit: see exit_rank

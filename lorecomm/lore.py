@@ -49,12 +49,14 @@ class LoreState(CommState):
             (torch's PowerSGD rule on an fp32 wire).
         seed: seeds the random draws (same on every rank).
         auto_dense: after ``AUTO_DENSE_STEPS`` compressed steps, send ``AUTO_DENSE_PROBE``
-            steps dense (error buffers flushed into the first; only the last 3 timed: the
-            first ones carry the switch, see ``AUTO_DENSE_SETTLE``), compare the measured cost of the two kinds (CPU: training step wall time; CUDA: the buckets' time on the
-            engine's stream), averaged over the ranks so every rank decides the same, and if
-            compression does not pay send every bucket dense from then on, else compress
-            again. ``stats()["auto_dense"]`` reports the measurement and the choice; the
-            choice is saved by ``state_dict()``, and a run resumed before it times afresh.
+            steps dense (error buffers flushed into the first; only the last
+            ``AUTO_DENSE_PROBE - AUTO_DENSE_SETTLE - 1`` = 3 timed: the first ones carry the
+            switch), compare the measured cost of the two kinds (CPU: training step wall time;
+            CUDA: the buckets' time on the engine's stream), averaged over the ranks so every
+            rank decides the same, and if compression does not pay send every bucket dense
+            from then on, else compress again. ``stats()["auto_dense"]`` reports the
+            measurement and the choice; the choice is saved by ``state_dict()``, and a run
+            resumed before it times afresh.
         dense_name_patterns, dense_embeddings, grad_scaler: as ``CommState``; Lore
             compresses every matrix by default, embeddings included, as torch's
             PowerSGD does (measured: keeping the LM's embeddings dense cost more
