@@ -38,9 +38,10 @@ class LoreState(CommState):
         explore: probability p that a step makes one of each matrix's r
             directions a fresh random one (a coin every rank flips alike): the
             compressor then contracts every gradient, whatever the tracked
-            subspace, by delta = p / (a - r + 1) in expectation (0: no random
-            directions, no guarantee; nor at r = 1, where the one direction stays
-            the tracked one). The default costs ~1/8 of one direction.
+            subspace, by delta = p / (a - max(r - 1, 1)) in expectation (0: no
+            random directions, no guarantee). At r = 1 the random direction joins
+            the tracked one instead of replacing it (one more factor row on
+            those steps). The default costs ~1/8 of one direction.
         wire: dtype of the sketch, factors and dense leftovers on the wire
             (bf16 default: twice the rank of fp32 at the same bytes).
         start_step: dense (fp32) warm-up steps; the last one seeds the tracker.
@@ -154,7 +155,8 @@ class LoreState(CommState):
             return out
 
         def cost(ranks) -> int:
-            return lore_step_bytes(((shape, ranks[name]) for name, shape in named.items()), wb, self._skip_unused)
+            return lore_step_bytes(((shape, ranks[name]) for name, shape in named.items()), wb, self._skip_unused,
+                                   explore=self.explore > 0)
 
         lo, hi = 1.0, 1e6  # compression factor per matrix: cost decreases as s grows
         if cost(ranks_at(hi)) > budget:

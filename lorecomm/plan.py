@@ -159,19 +159,22 @@ def lore_rank(m: int, n: int, rank: int, min_compression_rate: float, wire_bytes
 
 
 def lore_step_bytes(tensors: Iterable[tuple[Sequence[int], int | None]], wire_bytes: int,
-                    used_flags: bool = False) -> int:
-    """Bytes Lore sends per compressed step for tensors given as (shape, rank):
-    wire_bytes * (a + b) * r for a matrix sent as sketch and factors (plus one
-    used flag with ``used_flags``), wire_bytes per element for a tensor sent
-    dense (rank None). A step that explores sends one sketch column fewer per
-    matrix, so this is the most any step sends."""
+                    used_flags: bool = False, explore: bool = False) -> int:
+    """The most bytes Lore sends in a compressed step, for tensors given as
+    (shape, rank): wire_bytes * (a + b) * r for an a x b matrix sent as sketch
+    and factors (plus one used flag with ``used_flags``), wire_bytes per element
+    for a tensor sent dense (rank None). A step that explores sends one sketch
+    column fewer per matrix, except at rank 1, where its random direction joins
+    the tracked one: with ``explore`` such a matrix counts one more factor row,
+    wire_bytes * (a + 2 b)."""
     sent = 0
     for shape, r in tensors:
         if r is None:
             sent += wire_bytes * torch.Size(shape).numel()
         else:
             m, n = matrix_shape(shape)
-            sent += wire_bytes * ((m + n) * r + used_flags)
+            extra = max(m, n) if explore and r == 1 and min(m, n) > 1 else 0
+            sent += wire_bytes * ((m + n) * r + extra + used_flags)
     return sent
 
 

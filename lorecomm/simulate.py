@@ -112,11 +112,13 @@ class SimulatedLore(_Simulated):
     """N simulated ranks of Lore, lorecomm's default compressor (same arguments as LoreState).
 
     Per oriented a x b matrix at rank r, on a step that explores (a shared coin
-    with probability ``explore``) k = 1 of the r directions is random (k = 0
-    otherwise): Y_i = H_i Q[:r-k]^T, Ybar averaged on the wire,
-    V = orth([Ybar, W]) with W the step's shared Gaussian a x k,
-    R_i = V^T H_i rounded to the wire dtype, E_i = H_i - V R_i, Rbar averaged
-    on the wire, output V Rbar, Q = Rbar's rows by decreasing norm. The last
+    with probability ``explore``) k = 1 random direction replaces the weakest
+    of the r tracked ones, or joins the one tracked at r = 1 (k = 0 otherwise,
+    or where all a are tracked): t = max(r - k, 1) tracked, Y_i = H_i Q[:t]^T,
+    Ybar averaged on the wire, V = orth([Ybar, W]) with W the step's shared
+    Gaussian a x k, R_i = V^T H_i rounded to the wire dtype, E_i = H_i - V R_i,
+    Rbar averaged on the wire, output V Rbar, Q = Rbar's r rows of most energy
+    by decreasing norm. The last
     warm-up step initialises Q from the averaged gradient (a randomized range
     finder); compressed steps send the dense leftovers on the wire too.
     """
@@ -175,21 +177,23 @@ class SimulatedLore(_Simulated):
     def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
         a, b = hs[0].shape
         r = self.ranks[p]
-        k = min(r - 1, 1 if coin(self.seed, self.t, 5, self.explore) else 0)
+        explore = 1 if coin(self.seed, self.t, 5, self.explore) else 0
+        t = max(r - explore, 1)  # at least one tracked direction: at r = 1 the random one joins it
+        k = min(explore, a - t)
         wire = self.wire
-        Ybar = _mean_on_wire([h @ self.Q[p][:r - k].t() for h in hs], wire)
+        Ybar = _mean_on_wire([h @ self.Q[p][:t].t() for h in hs], wire)
         cols = [Ybar]
         if k:
             cols.append(probe_matrix(probe_key(self.seed, self.t, p, 3), a, k).double())
         V = _orthonormal(torch.cat(cols, 1))
-        self.bytes_sent += self._wire_bytes * (a * (r - k) + r * b)
+        self.bytes_sent += self._wire_bytes * (a * t + (t + k) * b)
         if p in self._unused:  # sends R = 0; E and Q stay for when it is used again
             return torch.zeros(a, b, dtype=F64)
         Rs = [_on_wire(V.t() @ h, wire) for h in hs]
         for i in range(self.N):
             self.E[i][p] = hs[i] - V @ Rs[i]
         Rbar = _mean_on_wire(Rs, wire)
-        self.Q[p] = self._by_energy(Rbar)
+        self.Q[p] = self._by_energy(Rbar)[:r]
         return V @ Rbar
 
 

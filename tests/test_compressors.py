@@ -73,8 +73,8 @@ CONFIGS = [
     ("random", dict(kind="gaussian", rank=2, start_step=1, min_compression_rate=1.5, error_feedback=True)),
     ("random", dict(kind="randk", rank=2, start_step=1, min_compression_rate=1.5)),
     ("random", dict(kind="randk", rank=2, start_step=1, min_compression_rate=1.5, error_feedback=True)),
-    # Lore: the exact wire, with and without the random directions; rank 1 (never explores);
-    # the bf16 wire (equal up to where a bf16 rounding flips, see TOLERANCE)
+    # Lore: the exact wire, with and without the random directions; rank 1 (an exploring step sends
+    # two directions); the bf16 wire (equal up to where a bf16 rounding flips, see TOLERANCE)
     ("lore", dict(rank=2, start_step=2, min_compression_rate=1.5, wire=torch.float32, explore=0.0)),
     ("lore", dict(rank=3, start_step=2, min_compression_rate=1.2, wire=torch.float32, explore=1.0)),
     ("lore", dict(rank=1, start_step=2, min_compression_rate=1.5, wire=torch.float32, explore=1.0)),

@@ -708,6 +708,28 @@ def test_a_byte_budget_sets_consistent_ranks(compression):
     assert compression <= c0 <= 1.6 * compression, (c0, ranks0)
 
 
+def _rank1_bytes(rank, world, explore):
+    w = torch.nn.Parameter(torch.zeros(8, 20))
+    state = lorecomm.LoreState(rank=1, start_step=1, explore=explore, min_compression_rate=1.0,
+                               auto_dense=False).bind([("w", w)])
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        state.reduce(torch.randn(160, generator=g), [w])
+    st = state.stats()
+    return st["bytes_by_phase"]["compressed"] / st["steps_by_phase"]["compressed"]
+
+
+@pytest.mark.parametrize("explore", [0.0, 1.0])
+def test_rank_1_exploring_steps_send_what_the_budget_counts(explore):
+    """At r = 1 an exploring step's random direction joins the tracked one: one more factor row, which
+    the budget of ``compression=`` counts (lore_step_bytes(explore=True))."""
+    from lorecomm.plan import lore_step_bytes
+
+    sent = run_ranks(_rank1_bytes, 2, explore)
+    assert sent[0] == sent[1] == lore_step_bytes([((8, 20), 1)], 2, explore=explore > 0), sent
+    assert lore_step_bytes([((8, 20), 1)], 2, explore=True) == 2 * (8 + 2 * 20)
+
+
 # --- auto_dense: where compression does not pay, every rank goes dense alike ---------------------
 def _measured(comp_ms: float) -> dict:
     """Step timings as auto_dense keeps them (hand-over times), replacing this machine's: the probe's

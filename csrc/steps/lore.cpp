@@ -1,22 +1,24 @@
 // Lore, lorecomm's default compressor, on the engine (docs/LORE.md;
 // lorecomm.simulate.SimulatedLore is its float64 reference).
 //
-// Per oriented a x b matrix with rank r and k = min(explore, r - 1) random
-// directions (the Python layer sets explore = 1 on the steps a shared coin
-// picks, 0 otherwise), every rank holds E_i (its error buffer) and the shared
-// Q (r x b, the last step's averaged factors, rows by decreasing energy:
-// PowerSGD's warm start):
-//   1. sketch   Y_i = H_i Q[:r-k]^T with H_i = G_i + E_i        (a x (r-k))
+// Per oriented a x b matrix with rank r, on a step with `explore` = 1 (the
+// Python layer sets it on the steps a shared coin picks, 0 otherwise) k = 1
+// random direction replaces the weakest tracked one, or at r = 1 joins the
+// one tracked (t = max(r - k, 1) tracked, t + k sent; k = 0 where t = a).
+// Every rank holds E_i (its error buffer) and the shared Q (r x b, the last
+// step's averaged factors, rows by decreasing energy: PowerSGD's warm start):
+//   1. sketch   Y_i = H_i Q[:t]^T with H_i = G_i + E_i           (a x t)
 //   2. all-reduce (mean, wire dtype) of every Y_i of the bucket: Ybar
-//   3. basis    V = orth([Ybar, W]) (a x r): the tracked range, plus k fresh
-//               Gaussian directions W shared through (seed, step, parameter id)
+//   3. basis    V = orth([Ybar, W]) (a x (t + k)): the tracked range, plus k
+//               fresh Gaussian directions W shared through (seed, step, id)
 //   4. project  R_i = V^T H_i rounded to the wire dtype, E_i = H_i - V R_i
 //               (the rounding error stays in E)
 //   5. all-reduce (mean, wire dtype) of every R_i and the dense leftovers: Rbar
-//   6. output   V Rbar into the bucket; Q <- Rbar, rows by decreasing norm.
+//   6. output   V Rbar into the bucket; Q <- Rbar's r rows of most energy, by
+//               decreasing norm.
 // The W directions make the compressor a contraction for every X whatever the
-// tracked part: E_W ||X - V V^T X||^2 <= (1 - k/(a - r + k)) ||X||^2 on an
-// exploring step, so (1 - p/(a - r + 1)) over the coin of probability p.
+// tracked part: E_W ||X - V V^T X||^2 <= (1 - 1/(a - t)) ||X||^2 on an
+// exploring step, so (1 - p/(a - t)) over the coin of probability p.
 // With skip_unused (DDP with find_unused_parameters / static_graph, which drops
 // the output of a parameter no rank used), one flag per matrix rides after the
 // sketches: a matrix whose gradient is exactly 0 on every rank is projected on
@@ -74,18 +76,19 @@ void LoreStep::run(engine::Comm& comm) {
   const bool deferred = buf.scalar_type() == at::kHalf;  // E only after the fp16 output is checked
   const int64_t dense_numel = numel_of(dense_ranges);
   int64_t sketch = 0, factors = 0, matrices = 0;
-  // the random directions of each batch: `explore`, but at least one tracked direction
-  auto k_of = [&](const Batch& b) { return std::min(explore, b.rank - 1); };
+  // the tracked directions of each batch (at least one) and its random ones (`explore`, within a)
+  auto t_of = [&](const Batch& b) { return std::max<int64_t>(b.rank - explore, 1); };
+  auto k_of = [&](const Batch& b) { return std::min(explore, b.a() - t_of(b)); };
   for (const auto& b : batches) {
-    sketch += b.B() * b.a() * (b.rank - k_of(b));
-    factors += b.B() * b.rank * b.b();
+    sketch += b.B() * b.a() * t_of(b);
+    factors += b.B() * (t_of(b) + k_of(b)) * b.b();
     matrices += b.B();
   }
   // 1. sketches of the tracked range (fp32), then the wire dtype; the used flags after them
   Tensor y = at::empty({sketch + (skip_unused ? matrices : 0)}, fopts);
   int64_t pos = 0;
   for (const auto& b : batches) {
-    const int64_t t = b.rank - k_of(b), n = b.B() * b.a() * t;
+    const int64_t t = t_of(b), n = b.B() * b.a() * t;
     Tensor Qt = b.Q.narrow(1, 0, t);
     y.narrow(0, pos, n).view({b.B(), b.a(), t}).copy_(call1("lorecomm::range_sketch", {b.G, b.E, Qt}));
     pos += n;
@@ -124,7 +127,7 @@ void LoreStep::run(engine::Comm& comm) {
   int64_t fpos = 0;
   for (size_t i = 0; i < batches.size(); ++i) {
     const auto& b = batches[i];
-    const int64_t B = b.B(), a = b.a(), n = b.b(), r = b.rank, k = k_of(b), t = r - k;
+    const int64_t B = b.B(), a = b.a(), n = b.b(), t = t_of(b), k = k_of(b), r = t + k;
     Tensor cols = w1.narrow(0, pos, B * a * t).view({B, a, t}).to(at::kFloat);
     pos += B * a * t;
     if (k > 0) {
@@ -150,7 +153,7 @@ void LoreStep::run(engine::Comm& comm) {
   std::vector<Tensor> Rbars(batches.size());
   for (size_t i = 0; i < batches.size(); ++i) {
     const auto& b = batches[i];
-    const int64_t B = b.B(), n = b.b(), r = b.rank;
+    const int64_t B = b.B(), n = b.b(), r = t_of(b) + k_of(b);
     Rbars[i] = w2.narrow(0, fpos, B * r * n).view({B, r, n}).to(at::kFloat).add_(bad);
     fpos += B * r * n;
     call0("lorecomm::decompress", {V[i], Rbars[i], b.G});
@@ -162,13 +165,13 @@ void LoreStep::run(engine::Comm& comm) {
     for (size_t i = 0; i < batches.size(); ++i) {
       const auto& b = batches[i];
       Tensor G0 = local.as_strided(b.G.sizes(), b.G.strides(), b.G.storage_offset() - buf.storage_offset());
-      Tensor scratch = at::empty({b.B(), b.rank, b.b()}, fopts.dtype(wire));
+      Tensor scratch = at::empty({b.B(), t_of(b) + k_of(b), b.b()}, fopts.dtype(wire));
       call0("lorecomm::project_residual", {G0, b.E, V[i], scratch, ok_final});
     }
   }
-  // the next warm start: Rbar's rows by decreasing energy (the weakest are dropped first)
+  // the next warm start: Rbar's r rows of most energy, by decreasing energy (the weakest are dropped)
   for (size_t i = 0; i < batches.size(); ++i) {
-    Tensor next = by_energy(Rbars[i]);
+    Tensor next = by_energy(Rbars[i]).narrow(1, 0, batches[i].rank);
     if (unused[i].defined()) next = at::where(unused[i], batches[i].Q, next);  // unused: Q stays
     batches[i].Q.copy_(at::where(ok_final, next, batches[i].Q));
   }

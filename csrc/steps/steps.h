@@ -67,7 +67,7 @@ struct LoreStep : engine::Step {
   std::vector<Batch> batches;    // G, E, ids, rank, Q
   Ranges dense_ranges;
   at::ScalarType wire = at::kBFloat16;
-  int64_t explore = 0;           // random directions per matrix this step (at most rank - 1)
+  int64_t explore = 0;           // random directions per matrix this step: 0 or 1 (docs/LORE.md)
   int64_t seed = 0, step = 0;
   bool skip_unused = false;      // a matrix whose gradient is 0 on every rank sends 0, keeps E and Q
   Tensor ok;

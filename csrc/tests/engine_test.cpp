@@ -359,11 +359,12 @@ void test_nonfinite_step_is_poisoned() {
 }
 
 // Lore: identical replicas, what it sends, E = H - V R with R rounded to the wire,
-// Q = Rbar by decreasing row energy.
-void test_lore_step() {
+// Q = Rbar by decreasing row energy. Exploring at rank r >= 2 replaces the weakest
+// tracked direction (r - 1 sketched, r sent); at r = 1 it joins the tracked one (1, 2).
+void test_lore_step(int64_t rank) {
   const int N = 2;
   auto w = std::make_shared<ThreadWorld>(N, 5000ms);
-  std::vector<Bucket> bk{make_bucket(0, 4, 3), make_bucket(1, 4, 3)};
+  std::vector<Bucket> bk{make_bucket(0, 4, rank), make_bucket(1, 4, rank)};
   std::vector<at::Tensor> H(N);
   for (int r = 0; r < N; ++r) H[r] = bk[r].buffer.clone();
   std::vector<std::map<std::string, int>> ops(N);
@@ -376,8 +377,8 @@ void test_lore_step() {
       EXPECT(s->ok.item<bool>(), "ok");
       int64_t sketch = 0, fac = 0;
       for (auto& b : bk[r].batches) {
-        sketch += b.B() * b.a() * (b.rank - 1);
-        fac += b.B() * b.rank * b.b();
+        sketch += b.B() * b.a() * (b.rank > 1 ? b.rank - 1 : 1);
+        fac += b.B() * (b.rank > 1 ? b.rank : 2) * b.b();
       }
       EXPECT(s->bytes_sent == 2 * (sketch + fac + kND) && s->collectives == 2, "lore bytes " << s->bytes_sent);
       if (step < 3) bk[r].buffer.copy_(grad(r, 10 + step));
@@ -390,6 +391,7 @@ void test_lore_step() {
     for (size_t i = 0; i < bk[r].batches.size(); ++i) {
       const auto& Q = bk[r].batches[i].Q;
       EXPECT(at::equal(Q, bk[0].batches[i].Q), "Q differs across ranks");
+      EXPECT(Q.size(1) == rank, "Q keeps r rows, got " << Q.size(1));
       auto e = Q.square().sum(-1);
       EXPECT(at::all(e.narrow(-1, 0, e.size(-1) - 1) >= e.narrow(-1, 1, e.size(-1) - 1)).item<bool>(),
              "Q rows not by decreasing energy");
@@ -645,7 +647,8 @@ int main() {
       {"greedy_compressed_paper_matches_reference", [] { test_greedy_compressed_matches_reference(0); }},
       {"greedy_compressed_sketch_matches_reference", [] { test_greedy_compressed_matches_reference(3); }},
       {"nonfinite_step_is_poisoned", test_nonfinite_step_is_poisoned},
-      {"lore_step", test_lore_step},
+      {"lore_step", [] { test_lore_step(3); }},
+      {"lore_step_rank1", [] { test_lore_step(1); }},
       {"refresh_matches_reference", [] { test_refresh(false); }},
       {"refresh_repairs_a_differing_basis", [] { test_refresh(true); }},
       {"given_selection", test_given_selection},
