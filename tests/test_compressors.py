@@ -109,6 +109,24 @@ def test_runtime_matches_float64_simulation(world):
     check_against_simulation(run_ranks(_run_configs, world, CONFIGS, STEPS, PARAMS), world)
 
 
+def test_lore_at_rank_1_with_a_row_vector_matches_the_simulation():
+    """Rank 1, every step exploring, on the bf16 wire (where a 1 x 64 matrix pays): the 24 x 40 matrix
+    sends its tracked and its random direction, the 1 x 64 one has no room for a random direction."""
+    params = [("w", (24, 40)), ("row", (1, 64)), ("b", (24,))]
+    cfg = dict(rank=1, start_step=2, min_compression_rate=1.5, explore=1.0)
+    sim = SimulatedLore(2, params, **cfg)
+    assert sim.ranks[0] == sim.ranks[1] == 1, sim.ranks  # both compressed
+    ref = [torch.cat([o.reshape(-1) for o in sim.step([structured_grads(t, i, params) for i in range(2)])])
+           for t in range(1, STEPS + 1)]
+    res = run_ranks(_run_configs, 2, [("lore", cfg)], STEPS, params)
+    for t in range(STEPS):
+        got = [res[r][0][0][t] for r in range(2)]
+        assert torch.equal(got[0], got[1]), f"replicas differ at step {t + 1}"
+        err = (got[0].double() - ref[t]).abs().max() / ref[t].abs().max()
+        assert err < TOLERANCE[(torch.bfloat16, 2)], f"step {t + 1}: relative error {err:.2e} vs simulation"
+    assert res[0][0][1]["bytes_sent"] == sim.bytes_sent  # every step explores: 2 directions, 1 for the row
+
+
 def _full_rank(rank, world):
     params = [("w", (12, 20)), ("v", (20, 6))]
     ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in params]
@@ -278,9 +296,11 @@ def test_lore_keeps_what_an_unused_parameter_owes(explore):
         assert nbytes == sim.bytes_sent
 
 
-def test_lore_keeps_what_an_unused_parameter_owes_in_fp16_buckets():
-    """fp16 buckets update E only after the output was checked: the unused matrix's E stays there too."""
-    cfg = dict(rank=2, start_step=2, min_compression_rate=1.5, explore=0.0)
+@pytest.mark.parametrize("rank, explore", [(2, 0.0), (1, 1.0)])
+def test_lore_keeps_what_an_unused_parameter_owes_in_fp16_buckets(rank, explore):
+    """fp16 buckets update E only after the output was checked: the unused matrix's E stays there too
+    (at rank 1 exploring, the check's second projection has the step's two directions)."""
+    cfg = dict(rank=rank, start_step=2, min_compression_rate=1.5, explore=explore)
     for outs, kept, _ in run_ranks(_unused_run, 2, cfg, torch.float16):
         assert kept == [t in UNUSED_STEPS["w3"] for t in range(1, 9)], kept
         assert all(torch.isfinite(o).all() for o in outs)

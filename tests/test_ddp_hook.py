@@ -730,6 +730,19 @@ def test_rank_1_exploring_steps_send_what_the_budget_counts(explore):
     assert lore_step_bytes([((8, 20), 1)], 2, explore=True) == 2 * (8 + 2 * 20)
 
 
+def test_a_byte_budget_counts_the_extra_row_of_rank_1_exploring_steps():
+    """Linear(200, 8) at rank 1 sends 2 (8 + 200) + 16 = 432 bytes a step without exploring, 832 on an
+    exploring step; a budget of 643 (compression=10) fits only the first, so it is refused where the
+    state explores and met at rank 1 where it does not."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(200, 8))
+
+    with pytest.raises(ValueError, match="compression=10 cannot be reached"):
+        lorecomm.LoreState(compression=10).bind(model())
+    assert lorecomm.LoreState(compression=10, explore=0.0).bind(model())._budget_ranks["0.weight"] == 1
+
+
 # --- auto_dense: where compression does not pay, every rank goes dense alike ---------------------
 def _measured(comp_ms: float) -> dict:
     """Step timings as auto_dense keeps them (hand-over times), replacing this machine's: the probe's

@@ -56,16 +56,18 @@ def powersgd_step_bytes(params, rank: int, min_compression_rate: float = 2.0) ->
     return total
 
 
-def lore_step_bytes(params, rank: int, min_compression_rate: float = 2.0, wire_bytes: int = 2) -> int:
-    """Bytes Lore (``lorecomm.LoreState(rank=rank)``, bf16 wire) sends per compressed step: each
-    matrix at the rank lorecomm's planning rule gives it (``lore_rank``), counted by lorecomm's own
-    ``lore_step_bytes``, the rule ``compression=`` budgets with."""
+def lore_step_bytes(params, rank: int, min_compression_rate: float = 2.0, wire_bytes: int = 2,
+                    explore: bool = True) -> int:
+    """The most bytes Lore (``lorecomm.LoreState(rank=rank)``, bf16 wire) sends in a compressed step:
+    each matrix at the rank lorecomm's planning rule gives it (``lore_rank``), counted by lorecomm's
+    own ``lore_step_bytes``, the rule ``compression=`` budgets with (``explore``: the state's
+    explore > 0, the default, so a rank-1 matrix's exploring steps count their extra factor row)."""
     from lorecomm.plan import lore_rank, lore_step_bytes as step_bytes, matrix_shape
     ranks = []
     for p in params:
         mn = matrix_shape(tuple(p.shape))
         ranks.append((tuple(p.shape), lore_rank(*mn, rank, min_compression_rate, wire_bytes) if mn else None))
-    return step_bytes(ranks, wire_bytes)
+    return step_bytes(ranks, wire_bytes, explore=explore)
 
 
 def lore_rank_within(params, budget: int, **kw) -> int:

@@ -54,7 +54,7 @@ void LoreStep::check() const {
   TORCH_CHECK(!batches.empty(), "a compressed step needs at least one compressed matrix");
   TORCH_CHECK(wire == at::kFloat || wire == at::kBFloat16 || wire == at::kHalf,
               "wire dtype must be float32, bfloat16 or float16, got ", wire);
-  TORCH_CHECK(explore >= 0, "explore must be >= 0, got ", explore);
+  TORCH_CHECK(explore == 0 || explore == 1, "explore must be 0 or 1 (this step's random directions), got ", explore);
   for (size_t i = 0; i < batches.size(); ++i) {
     const auto& b = batches[i];
     TORCH_CHECK(b.Q.defined() && b.Q.dim() == 3 && b.Q.size(0) == b.B() && b.Q.size(1) == b.rank &&
