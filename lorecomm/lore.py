@@ -38,15 +38,16 @@ class LoreState(CommState):
         explore: probability p that a step makes one of each matrix's r
             directions a fresh random one (a coin every rank flips alike): the
             compressor then contracts every gradient, whatever the tracked
-            subspace, by delta = p / (a - max(r - 1, 1)) in expectation (0: no
+            subspace, by delta = p / (a - max(r - 1, 1)) in expectation (a >= 2; 0: no
             random directions, no guarantee). At r = 1 the random direction joins
             the tracked one instead of replacing it (one more factor row on
             those steps). The default costs ~1/8 of one direction.
         wire: dtype of the sketch, factors and dense leftovers on the wire
             (bf16 default: twice the rank of fp32 at the same bytes).
         start_step: dense (fp32) warm-up steps; the last one seeds the tracker.
-        min_compression_rate: compress an m x n matrix only if the bytes it sends,
-            times the rate, stay below dense fp32's: wire_bytes (m + n) r rate < 4 m n
+        min_compression_rate: compress an m x n matrix only if the bytes it sends
+            (a step that does not explore), times the rate, stay below dense fp32's:
+            wire_bytes (m + n) r rate < 4 m n
             (torch's PowerSGD rule on an fp32 wire).
         seed: seeds the random draws (same on every rank).
         auto_dense: after ``AUTO_DENSE_STEPS`` compressed steps, send ``AUTO_DENSE_PROBE``

@@ -23,6 +23,8 @@ step (``Method.bytes_sent()``), so dense, torch PowerSGD and lorecomm are counte
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 DENSE = "dense"
@@ -113,7 +115,10 @@ class Method:
         elif name == LORE:
             import lorecomm
             # auto_dense off: these runs compare quality at equal bytes (on loopback dense is faster)
-            kw = dict(rank=cfg.get("lore_rank") or lore_rank_within(self.params, powersgd_step_bytes(self.params, r)),
+            default_explore = inspect.signature(lorecomm.LoreState).parameters["explore"].default
+            explores = cfg.get("explore", default_explore) > 0  # a rank-1 exploring step sends a row more
+            kw = dict(rank=cfg.get("lore_rank") or lore_rank_within(self.params, powersgd_step_bytes(self.params, r),
+                                                                    explore=explores),
                       start_step=start, seed=cfg.get("seed", 0),
                       auto_dense=False)
             for k in ("min_compression_rate", "explore"):

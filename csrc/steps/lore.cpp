@@ -18,7 +18,8 @@
 //               decreasing norm.
 // The W directions make the compressor a contraction for every X whatever the
 // tracked part: E_W ||X - V V^T X||^2 <= (1 - 1/(a - t)) ||X||^2 on an
-// exploring step, so (1 - p/(a - t)) over the coin of probability p.
+// exploring step, so (1 - p/(a - t)) over the coin of probability p (a >= 2;
+// a 1 x b matrix has no room for W and is sent exactly).
 // With skip_unused (DDP with find_unused_parameters / static_graph, which drops
 // the output of a parameter no rank used), one flag per matrix rides after the
 // sketches: a matrix whose gradient is exactly 0 on every rank is projected on

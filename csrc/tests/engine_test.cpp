@@ -509,6 +509,10 @@ void test_bad_tensor_errors_future() {
   e.reset();
   msg = error_of(e.submit(dense_step(at::zeros({4}, at::kInt))));
   EXPECT(msg.find("dtype must be float32") != std::string::npos, msg);
+  e.reset();
+  // Lore's step has one mode per coin (0 or 1 random direction), the one the simulation has
+  msg = error_of(e.submit(lore_step(make_bucket(0, 1), 1, /*explore=*/2)));
+  EXPECT(msg.find("explore must be 0 or 1") != std::string::npos, msg);
 }
 
 void test_dead_peer_errors_within_timeout() {
