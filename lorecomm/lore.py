@@ -56,7 +56,7 @@ class LoreState(CommState):
             switch), compare the measured cost of the two kinds (CPU: training step wall time;
             CUDA: the buckets' time on the engine's stream), averaged over the ranks so every
             rank decides the same, and if compression does not pay send every bucket dense
-            from then on, else compress again. ``stats()["auto_dense"]`` reports the
+            from then on (freeing the error buffers, zero for good), else compress again. ``stats()["auto_dense"]`` reports the
             measurement and the choice; the choice is saved by ``state_dict()``, and a run
             resumed before it times afresh.
         dense_name_patterns, dense_embeddings, grad_scaler: as ``CommState``; Lore
@@ -246,7 +246,29 @@ class LoreState(CommState):
             plan.owed = _C.DenseStep(buffer, flush=batches)
             return plan.owed
         plan.owed = False
+        if self._dense_by_choice:
+            self._release_error_buffers(plan)
         return _C.DenseStep(buffer)
+
+    def _release_error_buffers(self, plan: BucketPlan) -> None:
+        """Dense by choice with nothing owed: E is zero and stays zero, so its memory (the size of
+        the gradient) goes back; a zero-stride view of one zero stands in for every reader."""
+        for batch in plan.batches:
+            E = batch.tensors["E"]
+            if E.numel() > 1 and 0 not in E.stride():
+                batch.tensors["E"] = E.new_zeros(()).expand(E.shape)
+                for i, slot in enumerate(batch.slots):
+                    self._slot_tensors[slot.param_id]["E"] = batch.tensors["E"][i]
+
+    def _restore_error_buffers(self) -> None:
+        """Real (zero) error buffers again where they were released: a checkpoint is written into them."""
+        for plan in self._plans.values():
+            for batch in plan.batches:
+                E = batch.tensors["E"]
+                if E.numel() > 1 and 0 in E.stride():
+                    batch.tensors["E"] = torch.zeros(E.shape, dtype=E.dtype, device=E.device)
+                    for i, slot in enumerate(batch.slots):
+                        self._slot_tensors[slot.param_id]["E"] = batch.tensors["E"][i]
 
     def _submitted(self, plan: BucketPlan, phase: str, step, is_last: bool) -> None:
         if not self.auto_dense or self._decided:
@@ -310,6 +332,7 @@ class LoreState(CommState):
         return {**super().state_dict(), "auto_dense": {"decided": self._decided, "measured": dict(self._auto)}}
 
     def load_state_dict(self, sd: dict) -> None:
+        self._restore_error_buffers()  # released when dense by choice; the checkpoint may compress again
         super().load_state_dict(sd)
         saved = sd.get("auto_dense", {"decided": False, "measured": {}})
         self._decided, self._auto = saved["decided"], dict(saved["measured"])

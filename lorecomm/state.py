@@ -60,6 +60,11 @@ def _elem_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _held_bytes(t: torch.Tensor) -> int:
+    """The memory a state tensor holds: a zero-stride (expanded) one holds its storage only."""
+    return t.untyped_storage().nbytes() if 0 in t.stride() else _elem_bytes(t)
+
+
 def memory_order(t: torch.Tensor) -> tuple[int, ...]:
     """The dimensions of ``t`` (those of size > 1) from outermost to innermost in memory: DDP lays
     a gradient out in its bucket in its parameter's memory order."""
@@ -555,7 +560,7 @@ class CommState:
             "steps_by_phase": dict(self._steps_by_phase),
             "nonfinite_steps": int(self._nonfinite.sum().item()) if self._nonfinite is not None else 0,
             "compressed_matrices": len({s.param_id for p in self._plans.values() for s in p.matrices}),
-            "state_bytes": sum(_elem_bytes(t) for p in self._plans.values() for b in p.batches
+            "state_bytes": sum(_held_bytes(t) for p in self._plans.values() for b in p.batches
                                for t in b.tensors.values()),
         }
 

@@ -903,6 +903,45 @@ def test_auto_dense_edges(case):
         assert owed[again - 1]["w1"] > 0 and owed[again] == {"w1": 0.0, "w2": 0.0}, (owed[again - 1], owed[again])
 
 
+def _auto_dense_releases_e(rank, world):
+    import gc
+    import weakref
+
+    shapes = [("w1", (16, 24)), ("w2", (20, 30))]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
+    state = lorecomm.LoreState(rank=2, start_step=3, min_compression_rate=1.0).bind(
+        [(n, p) for (n, _), p in zip(shapes, ps)])
+    decides = 3 + state.AUTO_DENSE_STEPS + 1 + state.AUTO_DENSE_PROBE
+    gens = [torch.Generator().manual_seed(r) for r in range(world)]  # every rank's gradients, to check the mean
+    held, outs, first_E = {}, [], None
+    for t in range(1, decides + 4):
+        bufs = [[torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)] for g in gens]
+        if t == decides:
+            state._timed = _measured(3.0)  # compressed steps 3x the dense ones: dense from now on
+            first_E = [weakref.ref(b.tensors["E"]) for p in state._plans.values() for b in p.batches]
+        mean = [sum(b[i] for b in bufs) / world for i in range(2)]
+        for i, p in enumerate(ps):
+            state.reduce(bufs[rank][i], [p], None, i == 1)
+        gc.collect()
+        held[t] = state.stats()["state_bytes"]
+        outs.append(all(torch.allclose(bufs[rank][i], mean[i], atol=1e-6) for i in range(2)))
+    sd = state.state_dict()
+    return held, outs, [r() is None for r in first_E], {n: tuple(ts["E"].shape) for n, ts in sd["params"].items()}, \
+        decides
+
+
+def test_auto_dense_gives_the_error_buffers_memory_back_when_it_goes_dense():
+    """Dense by choice, E is zero for good: its memory (the gradient's size) is freed, the steps are
+    DDP's mean, and a checkpoint still holds E (zeros, full shape) so it loads anywhere."""
+    for held, outs, freed, saved, decides in run_ranks(_auto_dense_releases_e, 2):
+        E_bytes = 4 * (16 * 24 + 20 * 30)
+        assert held[decides - 1] - held[decides] == E_bytes - 2 * 4, held  # one zero element per batch stays
+        assert held[decides + 3] == held[decides], held
+        assert all(freed), "the released error buffers are still referenced"
+        assert all(outs[decides - 1:]), outs  # dense by choice: the mean of the ranks' gradients
+        assert saved == {"w1": (16, 24), "w2": (20, 30)}, saved
+
+
 def _auto_dense_decision_fails(rank, world):
     """The decision's all-reduce raises (on every rank): nothing is decided, and the step, run again,
     decides on the same timings."""
