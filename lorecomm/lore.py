@@ -22,6 +22,11 @@ from .probes import coin
 from .state import CommState, check_bool, check_int, check_positive
 
 _WIRES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _released(E: torch.Tensor) -> bool:
+    """An error buffer auto_dense gave back: a zero-stride view of one zero."""
+    return E.numel() > 1 and 0 in E.stride()
 _WARM_STREAM = 4
 _EXPLORE_COIN = 5
 
@@ -56,9 +61,9 @@ class LoreState(CommState):
             switch), compare the measured cost of the two kinds (CPU: training step wall time;
             CUDA: the buckets' time on the engine's stream), averaged over the ranks so every
             rank decides the same, and if compression does not pay send every bucket dense
-            from then on (freeing the error buffers, zero for good), else compress again. ``stats()["auto_dense"]`` reports the
-            measurement and the choice; the choice is saved by ``state_dict()``, and a run
-            resumed before it times afresh.
+            from then on (freeing the error buffers, zero for good), else compress again.
+            ``stats()["auto_dense"]`` reports the measurement and the choice; the choice is
+            saved by ``state_dict()``, and a run resumed before it times afresh.
         dense_name_patterns, dense_embeddings, grad_scaler: as ``CommState``; Lore
             compresses every matrix by default, embeddings included, as torch's
             PowerSGD does (measured: keeping the LM's embeddings dense cost more
@@ -255,20 +260,24 @@ class LoreState(CommState):
         the gradient) goes back; a zero-stride view of one zero stands in for every reader."""
         for batch in plan.batches:
             E = batch.tensors["E"]
-            if E.numel() > 1 and 0 not in E.stride():
+            if E.numel() > 1 and not _released(E):
                 batch.tensors["E"] = E.new_zeros(()).expand(E.shape)
                 for i, slot in enumerate(batch.slots):
                     self._slot_tensors[slot.param_id]["E"] = batch.tensors["E"][i]
 
-    def _restore_error_buffers(self) -> None:
-        """Real (zero) error buffers again where they were released: a checkpoint is written into them."""
+    def _make_writable(self) -> None:
+        """Real (zero) error buffers again where they were released: a checkpoint is written into
+        them. The plans' first, then any parameter's kept outside a plan (bound again since)."""
         for plan in self._plans.values():
             for batch in plan.batches:
                 E = batch.tensors["E"]
-                if E.numel() > 1 and 0 in E.stride():
+                if _released(E):
                     batch.tensors["E"] = torch.zeros(E.shape, dtype=E.dtype, device=E.device)
                     for i, slot in enumerate(batch.slots):
                         self._slot_tensors[slot.param_id]["E"] = batch.tensors["E"][i]
+        for ts in self._slot_tensors.values():
+            if "E" in ts and _released(ts["E"]):
+                ts["E"] = torch.zeros(ts["E"].shape, dtype=ts["E"].dtype, device=ts["E"].device)
 
     def _submitted(self, plan: BucketPlan, phase: str, step, is_last: bool) -> None:
         if not self.auto_dense or self._decided:
@@ -332,7 +341,6 @@ class LoreState(CommState):
         return {**super().state_dict(), "auto_dense": {"decided": self._decided, "measured": dict(self._auto)}}
 
     def load_state_dict(self, sd: dict) -> None:
-        self._restore_error_buffers()  # released when dense by choice; the checkpoint may compress again
         super().load_state_dict(sd)
         saved = sd.get("auto_dense", {"decided": False, "measured": {}})
         self._decided, self._auto = saved["decided"], dict(saved["measured"])

@@ -61,8 +61,8 @@ def _elem_bytes(t: torch.Tensor) -> int:
 
 
 def _held_bytes(t: torch.Tensor) -> int:
-    """The memory a state tensor holds: a zero-stride (expanded) one holds its storage only."""
-    return t.untyped_storage().nbytes() if 0 in t.stride() else _elem_bytes(t)
+    """The memory a state tensor holds: a zero-stride (expanded) one, one element."""
+    return t.element_size() if t.numel() > 1 and 0 in t.stride() else _elem_bytes(t)
 
 
 def memory_order(t: torch.Tensor) -> tuple[int, ...]:
@@ -363,6 +363,9 @@ class CommState:
         """Fresh batched state tensors of one batch, e.g. {"E": zeros (B, a, b)}."""
         return {}
 
+    def _make_writable(self) -> None:
+        """Before a checkpoint is written into the state tensors: memory given back is allocated again."""
+
     def _init_plan_state(self, plan: BucketPlan, device: torch.device, layouts: dict) -> None:
         """Allocate the plan's batched state; carry over each parameter's state.
 
@@ -611,6 +614,7 @@ class CommState:
                                    "problem": problem})
         if problem:
             raise ValueError(problem)
+        self._make_writable()
         self.step = sd["step"]
         c = sd["counters"]
         self._calls, self._bytes_sent, self._bytes_dense = c["calls"], c["bytes_sent"], c["bytes_dense"]

@@ -908,38 +908,70 @@ def _auto_dense_releases_e(rank, world):
     import weakref
 
     shapes = [("w1", (16, 24)), ("w2", (20, 30))]
-    ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
+
+    def params():
+        return [torch.nn.Parameter(torch.zeros(s)) for _, s in shapes]
+
+    ps = params()
     state = lorecomm.LoreState(rank=2, start_step=3, min_compression_rate=1.0).bind(
         [(n, p) for (n, _), p in zip(shapes, ps)])
     decides = 3 + state.AUTO_DENSE_STEPS + 1 + state.AUTO_DENSE_PROBE
     gens = [torch.Generator().manual_seed(r) for r in range(world)]  # every rank's gradients, to check the mean
-    held, outs, first_E = {}, [], None
-    for t in range(1, decides + 4):
+    held, means, first_E, early = [], [], None, None
+
+    def step(ps):
         bufs = [[torch.randn(16 * 24, generator=g), torch.randn(20 * 30, generator=g)] for g in gens]
-        if t == decides:
-            state._timed = _measured(3.0)  # compressed steps 3x the dense ones: dense from now on
-            first_E = [weakref.ref(b.tensors["E"]) for p in state._plans.values() for b in p.batches]
         mean = [sum(b[i] for b in bufs) / world for i in range(2)]
         for i, p in enumerate(ps):
             state.reduce(bufs[rank][i], [p], None, i == 1)
         gc.collect()
-        held[t] = state.stats()["state_bytes"]
-        outs.append(all(torch.allclose(bufs[rank][i], mean[i], atol=1e-6) for i in range(2)))
-    sd = state.state_dict()
-    return held, outs, [r() is None for r in first_E], {n: tuple(ts["E"].shape) for n, ts in sd["params"].items()}, \
-        decides
+        held.append(state.stats()["state_bytes"])
+        means.append(all(torch.allclose(bufs[rank][i], mean[i], atol=1e-6) for i in range(2)))
+
+    for t in range(1, decides + 4):
+        if t == 6:
+            early = state.state_dict()  # compressing: E holds residuals
+        if t == decides:
+            state._timed = _measured(3.0)  # compressed steps 3x the dense ones: dense from now on
+            first_E = [weakref.ref(b.tensors["E"]) for p in state._plans.values() for b in p.batches]
+        step(ps)
+    after = state.state_dict()
+    saved = {n: (tuple(ts["E"].shape), bool(torch.count_nonzero(ts["E"]))) for n, ts in after["params"].items()}
+    # loaded back into the same state (released E): real buffers again, flushed, released again
+    state.load_state_dict(after)
+    loaded_same = state.stats()["state_bytes"]
+    step(ps), step(ps)
+    # bound anew (the buckets' plans are gone, the parameters' released views kept), then loaded
+    ps = params()
+    state.bind([(n, p) for (n, _), p in zip(shapes, ps)])
+    state.load_state_dict(after)
+    step(ps), step(ps)
+    # a checkpoint from before the choice compresses again, into real buffers
+    state.load_state_dict(early)
+    step(ps)
+    compressing = all(bool(torch.count_nonzero(ts["E"])) for ts in state._param_tensors().values())
+    return dict(held=held, means=means, freed=[r() is None for r in first_E], saved=saved, decides=decides,
+                loaded_same=loaded_same, compressing=compressing)
 
 
 def test_auto_dense_gives_the_error_buffers_memory_back_when_it_goes_dense():
     """Dense by choice, E is zero for good: its memory (the gradient's size) is freed, the steps are
-    DDP's mean, and a checkpoint still holds E (zeros, full shape) so it loads anywhere."""
-    for held, outs, freed, saved, decides in run_ranks(_auto_dense_releases_e, 2):
+    DDP's mean, a checkpoint still holds E (zeros, full shape), and loading one (into the same state,
+    after binding again, or one from before the choice) writes into real buffers again."""
+    for r in run_ranks(_auto_dense_releases_e, 2):
+        held, d = r["held"], r["decides"]  # held[t - 1]: after step t
         E_bytes = 4 * (16 * 24 + 20 * 30)
-        assert held[decides - 1] - held[decides] == E_bytes - 2 * 4, held  # one zero element per batch stays
-        assert held[decides + 3] == held[decides], held
-        assert all(freed), "the released error buffers are still referenced"
-        assert all(outs[decides - 1:]), outs  # dense by choice: the mean of the ranks' gradients
-        assert saved == {"w1": (16, 24), "w2": (20, 30)}, saved
+        full, released = held[d - 2], held[d - 1]
+        assert full - released == E_bytes - 2 * 4, held  # one zero element per batch stays
+        assert held[d - 1:d + 3] == [released] * 4, held
+        assert all(r["freed"]), "the released error buffers are still referenced"
+        assert all(r["means"][d - 1:d + 3]), r["means"]  # dense by choice: the mean of the ranks' gradients
+        assert r["saved"] == {"w1": ((16, 24), False), "w2": ((20, 30), False)}, r["saved"]
+        assert r["loaded_same"] == full, r["loaded_same"]
+        # each load: the first dense step flushes the (zero) buffers, the next gives them back again
+        assert held[d + 3:d + 7] == [full, released, full, released], held[d + 3:]
+        assert all(r["means"][d + 3:d + 7]), r["means"]
+        assert r["compressing"] and held[-1] == full, held
 
 
 def _auto_dense_decision_fails(rank, world):
