@@ -19,14 +19,9 @@ import torch
 
 from .plan import DEFAULT_DENSE_PATTERNS, Batch, BucketPlan, lore_rank, lore_step_bytes, matrix_shape
 from .probes import coin
-from .state import CommState, check_bool, check_int, check_positive
+from .state import CommState, check_bool, check_int, check_positive, is_expanded
 
 _WIRES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _released(E: torch.Tensor) -> bool:
-    """An error buffer auto_dense gave back: a zero-stride view of one zero."""
-    return E.numel() > 1 and 0 in E.stride()
 _WARM_STREAM = 4
 _EXPLORE_COIN = 5
 
@@ -260,24 +255,25 @@ class LoreState(CommState):
         the gradient) goes back; a zero-stride view of one zero stands in for every reader."""
         for batch in plan.batches:
             E = batch.tensors["E"]
-            if E.numel() > 1 and not _released(E):
-                batch.tensors["E"] = E.new_zeros(()).expand(E.shape)
-                for i, slot in enumerate(batch.slots):
-                    self._slot_tensors[slot.param_id]["E"] = batch.tensors["E"][i]
+            if E.numel() > 1 and not is_expanded(E):
+                self._replace_E(batch, E.new_zeros(()).expand(E.shape))
+
+    def _replace_E(self, batch: Batch, E: torch.Tensor) -> None:
+        """A batch's error buffers, and the per-parameter views of them, become ``E``."""
+        batch.tensors["E"] = E
+        for i, slot in enumerate(batch.slots):
+            self._slot_tensors[slot.param_id]["E"] = E[i]
 
     def _make_writable(self) -> None:
         """Real (zero) error buffers again where they were released: a checkpoint is written into
         them. The plans' first, then any parameter's kept outside a plan (bound again since)."""
         for plan in self._plans.values():
             for batch in plan.batches:
-                E = batch.tensors["E"]
-                if _released(E):
-                    batch.tensors["E"] = torch.zeros(E.shape, dtype=E.dtype, device=E.device)
-                    for i, slot in enumerate(batch.slots):
-                        self._slot_tensors[slot.param_id]["E"] = batch.tensors["E"][i]
+                if is_expanded(batch.tensors["E"]):
+                    self._replace_E(batch, torch.zeros_like(batch.tensors["E"]))
         for ts in self._slot_tensors.values():
-            if "E" in ts and _released(ts["E"]):
-                ts["E"] = torch.zeros(ts["E"].shape, dtype=ts["E"].dtype, device=ts["E"].device)
+            if "E" in ts and is_expanded(ts["E"]):
+                ts["E"] = torch.zeros_like(ts["E"])
 
     def _submitted(self, plan: BucketPlan, phase: str, step, is_last: bool) -> None:
         if not self.auto_dense or self._decided:

@@ -151,8 +151,9 @@ def lore_rank(m: int, n: int, rank: int, min_compression_rate: float, wire_bytes
 
     r is capped at min(m, n); compress only if the bytes sent, wire_bytes * (m + n) * r
     (sketch and factors; a step that does not explore), times the rate stay below what
-    dense fp32 DDP would send, 4 * m * n. With an fp32 wire this is torch's PowerSGD rule; with bf16 factors
-    Lore compresses at twice PowerSGD's rank exactly the matrices PowerSGD compresses.
+    dense fp32 DDP would send, 4 * m * n. With an fp32 wire this is torch's PowerSGD rule;
+    with bf16 factors Lore compresses at twice PowerSGD's rank exactly the matrices
+    PowerSGD compresses.
     """
     r = min(rank, m, n)
     return r if wire_bytes * (m + n) * r * min_compression_rate < 4 * m * n else None

@@ -60,9 +60,14 @@ def _elem_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def is_expanded(t: torch.Tensor) -> bool:
+    """A zero-stride view of one element (state memory given back: Lore's E once dense by choice)."""
+    return t.numel() > 1 and 0 in t.stride()
+
+
 def _held_bytes(t: torch.Tensor) -> int:
-    """The memory a state tensor holds: a zero-stride (expanded) one, one element."""
-    return t.element_size() if t.numel() > 1 and 0 in t.stride() else _elem_bytes(t)
+    """The memory a state tensor holds: an expanded one, one element."""
+    return t.element_size() if is_expanded(t) else _elem_bytes(t)
 
 
 def memory_order(t: torch.Tensor) -> tuple[int, ...]:
