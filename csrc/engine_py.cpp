@@ -97,15 +97,18 @@ LORECOMM_PYBIND(engine) {
            py::arg("Q") = py::none());
 
   py::class_<st::DenseStep, Step, std::shared_ptr<st::DenseStep>>(m, "DenseStep")
-      .def(py::init([](at::Tensor buffer, const py::object& wire, std::vector<st::Batch> flush) {
+      .def(py::init([](at::Tensor buffer, const py::object& wire, std::vector<st::Batch> flush, bool skip_unused) {
              auto s = std::make_shared<st::DenseStep>();
              s->buffer = std::move(buffer);
              s->wire = dtype_of(wire);
              s->flush = std::move(flush);
+             s->skip_unused = skip_unused;
              return s;
            }),
-           py::arg("buffer"), py::arg("wire") = py::none(), py::arg("flush") = std::vector<st::Batch>())
-      .def_readonly("ok", &st::DenseStep::ok);
+           py::arg("buffer"), py::arg("wire") = py::none(), py::arg("flush") = std::vector<st::Batch>(),
+           py::arg("skip_unused") = false)
+      .def_readonly("ok", &st::DenseStep::ok)
+      .def_readonly("owes", &st::DenseStep::owes);
 
   py::class_<st::GreedyLoreStep, Step, std::shared_ptr<st::GreedyLoreStep>>(m, "GreedyLoreStep")
       .def(py::init([](bool refresh, at::Tensor buffer, std::vector<st::Batch> batches, st::Ranges dense_ranges,

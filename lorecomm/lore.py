@@ -234,16 +234,17 @@ class LoreState(CommState):
     def _dense_flushed(self, plan: BucketPlan, buffer: torch.Tensor, batches):
         """A dense step of a compressed bucket: the first one also sends what the compressor
         still owed (the error buffers, then zero), again on the next if it was skipped as
-        non-finite; later ones find them zero."""
+        non-finite or a matrix no rank used kept its E (DDP would drop it); later ones find
+        them zero."""
         from . import _C
 
         if not batches:  # nothing compressed in this bucket: nothing owed
             return _C.DenseStep(buffer)
         owed = getattr(plan, "owed", True)  # True, False, or the last flush (owed if it was skipped)
         if isinstance(owed, _C.DenseStep):  # completed: the optimizer step that submitted it is over
-            owed = not bool(owed.ok)  # non-finite: the flush kept E, send it again
+            owed = bool(owed.owes)  # non-finite, or a matrix unused everywhere: send what is left
         if owed:
-            plan.owed = _C.DenseStep(buffer, flush=batches)
+            plan.owed = _C.DenseStep(buffer, flush=batches, skip_unused=self._skip_unused)
             return plan.owed
         plan.owed = False
         if self._dense_by_choice:

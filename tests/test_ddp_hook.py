@@ -1296,6 +1296,47 @@ def test_a_branch_no_rank_used_keeps_its_error_feedback():
     assert not torch.equal(owed[9], owed[4])  # used again at step 10: sent (E holds the new residual)
 
 
+def _unused_at_the_flush(rank, world):
+    torch.manual_seed(0)
+    m = Branchy()
+    ddp = DDP(m, find_unused_parameters=True)
+    state = lorecomm.register(ddp, rank=2, start_step=3, wire=torch.float32)  # fp32: sums exact to fp32
+    flush = state._auto_start + state.AUTO_DENSE_STEPS + 1  # auto_dense's first dense step
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    w = m.aux.weight
+    local, applied, kept, phases = torch.zeros_like(w), torch.zeros_like(w), [], []
+    for step in range(1, flush + 3):
+        use = step not in (flush, flush + 1)  # no rank uses aux at the flush and the step after it
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step * 10 + rank))
+        if use:  # this rank's own gradient (autograd.grad: DDP's reducer does not see it)
+            local += torch.autograd.grad(m(x, True).square().mean(), w)[0]
+        E0 = state._param_tensors()["aux.weight"]["E"].clone() if step > 1 else None
+        phases.append(state.phase(step))
+        opt.zero_grad()
+        ddp(x, use).square().mean().backward()
+        if w.grad is not None:  # what DDP applied (dropped where no rank used aux)
+            applied += w.grad
+        opt.step()
+        E = state._param_tensors()["aux.weight"]["E"]
+        kept.append(E0 is not None and E.norm() > 0 and torch.equal(E, E0))
+    return {"local": local, "applied": applied, "E": E.clone(), "kept": kept, "phases": phases,
+            "flush": flush}
+
+
+def test_an_error_flush_keeps_what_a_parameter_no_rank_used_owes():
+    """auto_dense's first dense step flushes the error buffers; a parameter no rank used then (DDP
+    drops its output) keeps its E until it is used again, so over the run DDP applies exactly the
+    ranks' mean gradient: nothing owed is lost."""
+    res = run_ranks(_unused_at_the_flush, 2)
+    mean = (res[0]["local"] + res[1]["local"]) / 2
+    for out in res:
+        f = out["flush"]
+        assert out["phases"][f - 2] == "compressed" and out["phases"][f - 1] == "dense", out["phases"]
+        assert out["kept"][f - 1] and out["kept"][f], out["kept"]  # unused at the flush and after: kept
+        assert torch.count_nonzero(out["E"]) == 0  # used again during the probe: flushed then
+        torch.testing.assert_close(out["applied"], mean, rtol=1e-4, atol=1e-6)
+
+
 def _rebind_new_wrapper(rank, world):
     model = torch.nn.Linear(8, 8)
     state = lorecomm.register(DDP(model), rank=2, start_step=1, min_compression_rate=1.0, auto_dense=False)

@@ -1,6 +1,8 @@
 // Dense averaging on the engine: the warm-up phase of every compressor, the DenseState baseline,
 // and a bucket a compressor hands back to dense. Without a wire dtype or a flush this is DDP's
 // own hook, bit for bit (divide by N, then sum all-reduce in the bucket's dtype).
+#include <cmath>
+
 #include "steps.h"
 
 namespace lorecomm::steps {
@@ -13,7 +15,27 @@ void DenseStep::tensors(std::vector<at::Tensor>& out) const {
 }
 
 void DenseStep::run(engine::Comm& comm) {
-  for (const auto& b : flush) b.G.add_(b.E);  // what the compressor still owed
+  // the flushed matrices some rank used, (B, 1, 1) per batch (skip_unused; the same on every rank)
+  std::vector<Tensor> used(flush.size());
+  if (skip_unused && !flush.empty()) {
+    int64_t n = 0;
+    for (const auto& b : flush) n += b.B();
+    Tensor flags = at::empty({n}, buffer.options().dtype(at::kFloat));
+    int64_t pos = 0;
+    for (const auto& b : flush) {
+      flags.narrow(0, pos, b.B()).copy_(at::linalg_vector_norm(b.G, INFINITY, {1, 2}, false, at::kFloat).ne(0));
+      pos += b.B();
+    }
+    comm.all_reduce_sum(flags, "used flags");
+    pos = 0;
+    for (size_t i = 0; i < flush.size(); ++i) {
+      used[i] = flags.narrow(0, pos, flush[i].B()).ne(0).view({-1, 1, 1});
+      pos += flush[i].B();
+    }
+  }
+  // what the compressor still owed; an unused matrix's would go into DDP's dropped output
+  for (size_t i = 0; i < flush.size(); ++i)
+    flush[i].G.add_(used[i].defined() ? at::where(used[i], flush[i].E, 0.0) : flush[i].E);
   if (!wire || *wire == buffer.scalar_type()) {
     comm.all_reduce_mean(buffer, "dense");
   } else {
@@ -23,7 +45,17 @@ void DenseStep::run(engine::Comm& comm) {
   }
   if (!flush.empty()) {
     ok = at::isfinite(buffer).all();  // a skipped step keeps what it owed
-    for (const auto& b : flush) b.E.masked_fill_(ok, 0.0);
+    owes = ok.logical_not();
+    for (size_t i = 0; i < flush.size(); ++i) {
+      const auto& b = flush[i];
+      if (!used[i].defined()) {
+        b.E.masked_fill_(ok, 0.0);
+        continue;
+      }
+      const Tensor kept = used[i].logical_not().view({-1}).logical_and(b.E.abs().amax({1, 2}).ne(0));
+      owes = owes.logical_or(kept.any());
+      b.E.masked_fill_(ok.logical_and(used[i]), 0.0);
+    }
   }
 }
 

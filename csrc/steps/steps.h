@@ -14,11 +14,14 @@ namespace lorecomm::steps {
 // Plain averaging, optionally cast to a wire dtype (e.g. bf16) for the all-reduce. With `flush`
 // batches the error buffers are sent too (G + E) and reset where the average is finite: a bucket
 // a compressor hands back to dense loses nothing it still owed (`ok`: whether it was finite, so
-// the flush happened; undefined without a flush).
+// the flush happened; undefined without a flush). With `skip_unused` (DDP drops the output of a
+// parameter no rank used) one flag per flushed matrix is all-reduced first, and a matrix no rank
+// used keeps its E for a later flush (`owes`: something is still owed after this step).
 struct DenseStep : engine::Step {
   std::optional<at::ScalarType> wire;
   std::vector<Batch> flush;
-  Tensor ok;
+  bool skip_unused = false;
+  Tensor ok, owes;
   std::string kind() const override { return flush.empty() ? "dense" : "dense (error flush)"; }
   void check() const override;
   void run(engine::Comm& comm) override;

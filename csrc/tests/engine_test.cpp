@@ -361,6 +361,63 @@ void test_nonfinite_step_is_poisoned() {
 // Lore: identical replicas, what it sends, E = H - V R with R rounded to the wire,
 // Q = Rbar by decreasing row energy. Exploring at rank r >= 2 replaces the weakest
 // tracked direction (r - 1 sketched, r sent); at r = 1 it joins the tracked one (1, 2).
+// An error flush with skip_unused: a matrix no rank used keeps its E (DDP drops its output) and
+// the step still owes it; one unused on a single rank only is flushed as usual.
+void test_dense_flush_keeps_unused() {
+  const int N = 2;
+  auto w = std::make_shared<ThreadWorld>(N, 5000ms);
+  std::vector<Bucket> bk{make_bucket(0, 1), make_bucket(1, 1)};
+  std::vector<at::Tensor> first(N), E0(N);
+  for (int r = 0; r < N; ++r) {
+    auto g = at::make_generator<at::CPUGeneratorImpl>(50 + r);
+    for (auto& b : bk[r].batches) b.E.copy_(at::randn(b.E.sizes(), g, at::kFloat));
+    bk[r].batches[0].G.select(0, 0).zero_();       // matrix 0: no rank used it
+    if (r == 0) bk[r].batches[1].G.zero_();        // the 4 x 12 matrix: unused on rank 0 only
+    E0[r] = bk[r].batches[0].E.select(0, 0).clone();
+  }
+  at::Tensor mean = at::zeros_like(bk[0].buffer);
+  for (int r = 0; r < N; ++r) {
+    at::Tensor h = bk[r].buffer.clone();
+    for (size_t i = 0; i < bk[r].batches.size(); ++i) {
+      const auto& b = bk[r].batches[i];
+      at::Tensor v = h.as_strided(b.G.sizes(), b.G.strides(), b.G.storage_offset());
+      at::Tensor add = b.E.clone();
+      if (i == 0) add.select(0, 0).zero_();
+      v.add_(add);
+    }
+    mean.add_(h.div(N));
+  }
+  on_ranks(N, [&](int r) {
+    Engine e(make_pg(w, r));
+    auto s = dense_step(bk[r].buffer);
+    s->flush = bk[r].batches;
+    s->skip_unused = true;
+    EXPECT(error_of(e.submit(s)).empty(), "flush");
+    EXPECT(s->ok.item<bool>() && s->owes.item<bool>(), "finite, and matrix 0 still owed");
+    EXPECT(s->collectives == 2 && s->bytes_sent == 4 * (3 + bk[r].buffer.numel()),
+           "flags + dense: bytes " << s->bytes_sent << " collectives " << s->collectives);
+    const auto& b0 = bk[r].batches[0];
+    EXPECT(at::equal(b0.E.select(0, 0), E0[r]), "the unused matrix's E is kept");
+    EXPECT(at::count_nonzero(b0.E.select(0, 1)).item<int64_t>() == 0 &&
+               at::count_nonzero(bk[r].batches[1].E).item<int64_t>() == 0,
+           "the used matrices' E is flushed");
+    EXPECT(at::count_nonzero(b0.G.select(0, 0)).item<int64_t>() == 0, "nothing sent for the unused matrix");
+    first[r] = bk[r].buffer.clone();
+    // used again: the next flush sends what it kept and owes nothing
+    b0.G.select(0, 0).fill_(1.0f);
+    auto s2 = dense_step(bk[r].buffer);
+    s2->flush = bk[r].batches;
+    s2->skip_unused = true;
+    EXPECT(error_of(e.submit(s2)).empty(), "second flush");
+    EXPECT(s2->ok.item<bool>() && !s2->owes.item<bool>(), "nothing owed after it");
+    EXPECT(at::count_nonzero(b0.E).item<int64_t>() == 0, "flushed");
+  });
+  // the second flush sent the kept E: matrix 0 got 1 + mean(E0)
+  EXPECT(at::allclose(bk[0].batches[0].G.select(0, 0), (E0[0] + E0[1]).div(N).add(1.0f)), "kept E sent later");
+  EXPECT(at::allclose(first[0], mean) && at::equal(first[0], first[1]), "first flush: mean of G + E, used only");
+  EXPECT(at::equal(bk[0].buffer, bk[1].buffer), "replicas differ");
+}
+
 void test_lore_step(int64_t rank) {
   const int N = 2;
   auto w = std::make_shared<ThreadWorld>(N, 5000ms);
@@ -647,6 +704,7 @@ int main() {
       {"dense_mean", [] { test_dense_mean(false); }},
       {"dense_mean_inline", [] { test_dense_mean(true); }},
       {"dense_wire", test_dense_wire},
+      {"dense_flush_keeps_unused", test_dense_flush_keeps_unused},
       {"greedy_compressed_paper_matches_reference", [] { test_greedy_compressed_matches_reference(0); }},
       {"greedy_compressed_sketch_matches_reference", [] { test_greedy_compressed_matches_reference(3); }},
       {"nonfinite_step_is_poisoned", test_nonfinite_step_is_poisoned},
