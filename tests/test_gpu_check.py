@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ SCRIPT = ROOT / "bench" / "gpu_check.sh"
 
 
 def _run(*args, timeout=600):
+    # the interpreter running the tests (the venv's): `make test PYTHON=python3` exports PYTHON, the bootstrap
+    # interpreter, which has no torch
     return subprocess.run([str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHON": os.environ.get("PYTHON", __import__("sys").executable)})
+                          env={**os.environ, "PYTHON": sys.executable})
 
 
 def test_dry_run_runs_every_stage_and_writes_the_tables(tmp_path):
