@@ -242,7 +242,9 @@ class LoreState(CommState):
             return _C.DenseStep(buffer)
         owed = getattr(plan, "owed", True)  # True, False, or the last flush (owed if it was skipped)
         if isinstance(owed, _C.DenseStep):  # completed: the optimizer step that submitted it is over
-            owed = bool(owed.owes)  # non-finite, or a matrix unused everywhere: send what is left
+            # non-finite, a matrix no rank used whose E is not zero on some rank, or the step failed
+            # (never ran: E untouched): send what is left
+            owed = owed.owes is None or bool(owed.owes)
         if owed:
             plan.owed = _C.DenseStep(buffer, flush=batches, skip_unused=self._skip_unused)
             return plan.owed

@@ -1014,6 +1014,49 @@ def test_auto_dense_decides_again_after_its_collective_failed():
         assert auto.get("dense_from_now") is True and auto["compressed_step_s"] == pytest.approx(3e-3), auto
 
 
+def _flush_fails(rank, world):
+    """The error flush's submit raises (on every rank): the next dense step flushes again."""
+    w = torch.nn.Parameter(torch.zeros(16, 24))
+    state = lorecomm.LoreState(rank=2, start_step=3, min_compression_rate=1.0).bind([("w", w)])
+    real = lorecomm.LoreState._runtime(state)
+    kinds, failed = [], []
+
+    class Engine:  # the real engine, except that the first error flush fails before it runs
+        def submit(self, step):
+            kinds.append(step.kind)
+            if step.kind == "dense (error flush)" and not failed:
+                failed.append(len(kinds) - 1)
+                raise RuntimeError("injected flush failure")
+            return real.engine.submit(step)
+
+        def __getattr__(self, name):
+            return getattr(real.engine, name)
+
+    class Runtime:
+        engine = Engine()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    state._runtime = lambda rt=Runtime(): rt
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3 + state.AUTO_DENSE_STEPS + 3):
+        try:
+            state.reduce(torch.randn(16 * 24, generator=g), [w], None, True)
+        except RuntimeError as e:
+            assert "injected flush failure" in str(e), e
+    return kinds, failed, [b.tensors["E"].clone() for p in state._plans.values() for b in p.batches]
+
+
+def test_a_failed_error_flush_is_sent_again():
+    for kinds, failed, Es in run_ranks(_flush_fails, 2):
+        assert failed, kinds
+        f = failed[0]
+        assert kinds[f - 1] == "lore compressed" and kinds[f + 1] == "dense (error flush)", kinds
+        assert kinds[f + 2] == "dense", kinds  # the retry completed: nothing owed after it
+        assert all(torch.count_nonzero(E) == 0 for E in Es)
+
+
 def _load_before_bind(rank, world):
     w = torch.nn.Parameter(torch.zeros(4, 4))
     saved = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0).bind([("inner.w", w)])

@@ -15,21 +15,26 @@ void DenseStep::tensors(std::vector<at::Tensor>& out) const {
 }
 
 void DenseStep::run(engine::Comm& comm) {
-  // the flushed matrices some rank used, (B, 1, 1) per batch (skip_unused; the same on every rank)
-  std::vector<Tensor> used(flush.size());
+  // skip_unused: per flushed matrix, whether some rank used it ((B, 1, 1) per batch) and whether
+  // some rank's E is not zero ((B,)), both from one all-reduce so that `owes` is the same on every
+  // rank (E is each rank's own: deciding on the local E alone, ranks would disagree about the next
+  // step's collectives)
+  std::vector<Tensor> used(flush.size()), owed(flush.size());
   if (skip_unused && !flush.empty()) {
     int64_t n = 0;
     for (const auto& b : flush) n += b.B();
-    Tensor flags = at::empty({n}, buffer.options().dtype(at::kFloat));
+    Tensor flags = at::empty({2, n}, buffer.options().dtype(at::kFloat));
     int64_t pos = 0;
     for (const auto& b : flush) {
-      flags.narrow(0, pos, b.B()).copy_(at::linalg_vector_norm(b.G, INFINITY, {1, 2}, false, at::kFloat).ne(0));
+      flags[0].narrow(0, pos, b.B()).copy_(at::linalg_vector_norm(b.G, INFINITY, {1, 2}, false, at::kFloat).ne(0));
+      flags[1].narrow(0, pos, b.B()).copy_(b.E.abs().amax({1, 2}).ne(0));
       pos += b.B();
     }
     comm.all_reduce_sum(flags, "used flags");
     pos = 0;
     for (size_t i = 0; i < flush.size(); ++i) {
-      used[i] = flags.narrow(0, pos, flush[i].B()).ne(0).view({-1, 1, 1});
+      used[i] = flags[0].narrow(0, pos, flush[i].B()).ne(0).view({-1, 1, 1});
+      owed[i] = flags[1].narrow(0, pos, flush[i].B()).ne(0);
       pos += flush[i].B();
     }
   }
@@ -52,8 +57,7 @@ void DenseStep::run(engine::Comm& comm) {
         b.E.masked_fill_(ok, 0.0);
         continue;
       }
-      const Tensor kept = used[i].logical_not().view({-1}).logical_and(b.E.abs().amax({1, 2}).ne(0));
-      owes = owes.logical_or(kept.any());
+      owes = owes.logical_or(used[i].logical_not().view({-1}).logical_and(owed[i]).any());
       b.E.masked_fill_(ok.logical_and(used[i]), 0.0);
     }
   }

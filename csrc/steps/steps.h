@@ -15,8 +15,9 @@ namespace lorecomm::steps {
 // batches the error buffers are sent too (G + E) and reset where the average is finite: a bucket
 // a compressor hands back to dense loses nothing it still owed (`ok`: whether it was finite, so
 // the flush happened; undefined without a flush). With `skip_unused` (DDP drops the output of a
-// parameter no rank used) one flag per flushed matrix is all-reduced first, and a matrix no rank
-// used keeps its E for a later flush (`owes`: something is still owed after this step).
+// parameter no rank used) two flags per flushed matrix are all-reduced first (some rank used it,
+// some rank's E is not zero), and a matrix no rank used keeps its E for a later flush (`owes`:
+// some rank still owes after this step, or it was not finite; the same on every rank).
 struct DenseStep : engine::Step {
   std::optional<at::ScalarType> wire;
   std::vector<Batch> flush;

@@ -362,7 +362,8 @@ void test_nonfinite_step_is_poisoned() {
 // Q = Rbar by decreasing row energy. Exploring at rank r >= 2 replaces the weakest
 // tracked direction (r - 1 sketched, r sent); at r = 1 it joins the tracked one (1, 2).
 // An error flush with skip_unused: a matrix no rank used keeps its E (DDP drops its output) and
-// the step still owes it; one unused on a single rank only is flushed as usual.
+// the step still owes it on every rank (one whose own E for it is zero too: the next step's collectives
+// must agree); one unused on a single rank only is flushed as usual.
 void test_dense_flush_keeps_unused() {
   const int N = 2;
   auto w = std::make_shared<ThreadWorld>(N, 5000ms);
@@ -371,7 +372,8 @@ void test_dense_flush_keeps_unused() {
   for (int r = 0; r < N; ++r) {
     auto g = at::make_generator<at::CPUGeneratorImpl>(50 + r);
     for (auto& b : bk[r].batches) b.E.copy_(at::randn(b.E.sizes(), g, at::kFloat));
-    bk[r].batches[0].G.select(0, 0).zero_();       // matrix 0: no rank used it
+    bk[r].batches[0].G.select(0, 0).zero_();       // matrix 0: no rank used it,
+    if (r == 1) bk[r].batches[0].E.select(0, 0).zero_();  // and only rank 0 owes for it: owes on both
     if (r == 0) bk[r].batches[1].G.zero_();        // the 4 x 12 matrix: unused on rank 0 only
     E0[r] = bk[r].batches[0].E.select(0, 0).clone();
   }
@@ -394,7 +396,7 @@ void test_dense_flush_keeps_unused() {
     s->skip_unused = true;
     EXPECT(error_of(e.submit(s)).empty(), "flush");
     EXPECT(s->ok.item<bool>() && s->owes.item<bool>(), "finite, and matrix 0 still owed");
-    EXPECT(s->collectives == 2 && s->bytes_sent == 4 * (3 + bk[r].buffer.numel()),
+    EXPECT(s->collectives == 2 && s->bytes_sent == 4 * (2 * 3 + bk[r].buffer.numel()),
            "flags + dense: bytes " << s->bytes_sent << " collectives " << s->collectives);
     const auto& b0 = bk[r].batches[0];
     EXPECT(at::equal(b0.E.select(0, 0), E0[r]), "the unused matrix's E is kept");
