@@ -93,6 +93,10 @@ Tensor poison(const Tensor& ok) {
   return at::where(ok, at::scalar_tensor(0.0, o), at::scalar_tensor(std::nan(""), o));
 }
 
+Tensor nonzero_matrices(const Tensor& X) {
+  return at::linalg_vector_norm(X, INFINITY, {1, 2}, false, at::kFloat).ne(0);  // no |X| temporary
+}
+
 Tensor random_indices(const Tensor& keys, int64_t n, int64_t r) {
   // the r smallest of n shared N(0,1) draws per matrix: a uniformly random r-subset
   Tensor u = call1("lorecomm::probe_normal", {keys, int64_t{1}, n}).squeeze(1);

@@ -54,6 +54,10 @@ void scatter_ranges(const Tensor& src, const Ranges& ranges, const Tensor& buf);
 // reach the optimizer as non-finite on every rank, so AMP's scaler skips it too.
 Tensor poison(const Tensor& ok);
 
+// (B, m, n) -> (B,) bool: the matrix has an entry that is not zero (NaN counts): a used
+// parameter's gradient, an error buffer that still owes something.
+Tensor nonzero_matrices(const Tensor& X);
+
 // r distinct sorted indices out of range(n) per matrix, from Philox draws keyed
 // per matrix: lorecomm.sketches.random_indices (B, r) int64.
 Tensor random_indices(const Tensor& keys, int64_t n, int64_t r);

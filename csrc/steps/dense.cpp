@@ -1,8 +1,6 @@
 // Dense averaging on the engine: the warm-up phase of every compressor, the DenseState baseline,
 // and a bucket a compressor hands back to dense. Without a wire dtype or a flush this is DDP's
 // own hook, bit for bit (divide by N, then sum all-reduce in the bucket's dtype).
-#include <cmath>
-
 #include "steps.h"
 
 namespace lorecomm::steps {
@@ -26,8 +24,8 @@ void DenseStep::run(engine::Comm& comm) {
     Tensor flags = at::empty({2, n}, buffer.options().dtype(at::kFloat));
     int64_t pos = 0;
     for (const auto& b : flush) {
-      flags[0].narrow(0, pos, b.B()).copy_(at::linalg_vector_norm(b.G, INFINITY, {1, 2}, false, at::kFloat).ne(0));
-      flags[1].narrow(0, pos, b.B()).copy_(b.E.abs().amax({1, 2}).ne(0));
+      flags[0].narrow(0, pos, b.B()).copy_(nonzero_matrices(b.G));
+      flags[1].narrow(0, pos, b.B()).copy_(nonzero_matrices(b.E));
       pos += b.B();
     }
     comm.all_reduce_sum(flags, "used flags");
