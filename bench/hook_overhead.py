@@ -12,7 +12,9 @@ For each hook the script times, per bucket and on compressed steps only:
 and reports medians over the measured steps. Every hook runs on the same
 ranks in the same process, one after the other. Lore runs at twice
 PowerSGD's rank by default (``--lore-rank``): its bf16 factors send the same
-bytes. ``-inline`` runs lorecomm's engine on the caller's thread
+bytes, and with ``auto_dense`` off: its link probe would otherwise send
+some of the timed steps dense, and these are timings of compressed steps.
+``-inline`` runs lorecomm's engine on the caller's thread
 (``LORECOMM_ENGINE=0``), otherwise on its worker thread.
 
     python bench/hook_overhead.py                  # 2 Gloo ranks, 8 x 1024x1024
@@ -88,7 +90,7 @@ def make_hook(kind: str, rank: int, args, model, pg=None):
         le.set_inline("inline" in kind)
         if kind.startswith("lore"):
             st = lorecomm.LoreState(process_group=pg, rank=args.lore_rank or 2 * rank, start_step=1,
-                                    dense_name_patterns=(), dense_embeddings=False)
+                                    dense_name_patterns=(), dense_embeddings=False, auto_dense=False)
         else:
             probes = "sketch" if "sketch" in kind else "paper"
             st = lorecomm.GreedyLoreState(process_group=pg, rank=rank, update_interval=args.update_interval,

@@ -76,6 +76,7 @@ def _train_one(task, run, rank, world, progress):
     cum_bytes = []
     evals = []
     train_time = 0.0
+    step_times = []
     for step in range(steps):
         batch = task.train_batch(rank, world, step)
         t0 = time.perf_counter()
@@ -87,7 +88,8 @@ def _train_one(task, run, rank, world, progress):
         if run.get("clip"):
             torch.nn.utils.clip_grad_norm_(ddp.parameters(), run["clip"])
         opt.step()
-        train_time += time.perf_counter() - t0
+        step_times.append(time.perf_counter() - t0)
+        train_time += step_times[-1]
         losses[step] = float(loss.detach())
         cum_bytes.append(method.after_step())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
@@ -117,6 +119,7 @@ def _train_one(task, run, rank, world, progress):
         "cum_bytes": cum_bytes,
         "evals": evals,
         "time_per_step": float(tt) / steps,
+        "step_times": step_times,
         "bytes_per_step": total_bytes / steps,
         "compression_ratio": dense_total / max(1, total_bytes),
         "stats": stats,
