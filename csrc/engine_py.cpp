@@ -112,7 +112,8 @@ LORECOMM_PYBIND(engine) {
 
   py::class_<st::GreedyLoreStep, Step, std::shared_ptr<st::GreedyLoreStep>>(m, "GreedyLoreStep")
       .def(py::init([](bool refresh, at::Tensor buffer, std::vector<st::Batch> batches, st::Ranges dense_ranges,
-                       std::string selection, int64_t sketch_k, bool error_feedback, int64_t seed, int64_t step) {
+                       std::string selection, int64_t sketch_k, bool error_feedback, int64_t seed, int64_t step,
+                       bool skip_unused) {
              auto s = std::make_shared<st::GreedyLoreStep>();
              s->refresh = refresh;
              s->buffer = std::move(buffer);
@@ -123,17 +124,19 @@ LORECOMM_PYBIND(engine) {
              s->error_feedback = error_feedback;
              s->seed = seed;
              s->step = step;
+             s->skip_unused = skip_unused;
              s->ok = at::empty({}, s->buffer.options().dtype(at::kBool));
              return s;
            }),
            py::arg("refresh"), py::arg("buffer"), py::arg("batches"), py::arg("dense_ranges"),
-           py::arg("selection"), py::arg("sketch_k"), py::arg("error_feedback"), py::arg("seed"), py::arg("step"))
+           py::arg("selection"), py::arg("sketch_k"), py::arg("error_feedback"), py::arg("seed"), py::arg("step"),
+           py::arg("skip_unused") = false)
       .def_readonly("ok", &st::GreedyLoreStep::ok)
       .def_readonly("repairs", &st::GreedyLoreStep::repairs);
 
   py::class_<st::RandomLinearStep, Step, std::shared_ptr<st::RandomLinearStep>>(m, "RandomLinearStep")
       .def(py::init([](std::string sketch, at::Tensor buffer, std::vector<st::Batch> batches,
-                       st::Ranges dense_ranges, bool error_feedback, int64_t seed, int64_t step) {
+                       st::Ranges dense_ranges, bool error_feedback, int64_t seed, int64_t step, bool skip_unused) {
              auto s = std::make_shared<st::RandomLinearStep>();
              s->sketch = std::move(sketch);
              s->buffer = std::move(buffer);
@@ -142,11 +145,12 @@ LORECOMM_PYBIND(engine) {
              s->error_feedback = error_feedback;
              s->seed = seed;
              s->step = step;
+             s->skip_unused = skip_unused;
              s->ok = at::empty({}, s->buffer.options().dtype(at::kBool));
              return s;
            }),
            py::arg("sketch"), py::arg("buffer"), py::arg("batches"), py::arg("dense_ranges"),
-           py::arg("error_feedback"), py::arg("seed"), py::arg("step"))
+           py::arg("error_feedback"), py::arg("seed"), py::arg("step"), py::arg("skip_unused") = false)
       .def_readonly("ok", &st::RandomLinearStep::ok);
 
   py::class_<st::LoreStep, Step, std::shared_ptr<st::LoreStep>>(m, "LoreStep")

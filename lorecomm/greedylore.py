@@ -84,7 +84,8 @@ class GreedyLoreState(CommState):
         return _C.GreedyLoreStep(
             refresh=phase == "refresh", buffer=buffer, batches=batches, dense_ranges=list(plan.dense_ranges),
             selection=self.selection, sketch_k=self.sketch_size if self.probes == "sketch" else 0,
-            error_feedback=self.error_feedback, seed=self.seed, step=t)
+            error_feedback=self.error_feedback, seed=self.seed, step=t,
+            skip_unused=self._skip_unused and self.error_feedback)  # without E nothing is owed
 
 
 def greedylore_hook(state: GreedyLoreState, bucket) -> torch.futures.Future[torch.Tensor]:

@@ -109,9 +109,6 @@ class LoreState(CommState):
         self._auto_start = self.start_step  # auto_dense times the steps after this one
         self._probing = False  # auto_dense's dense steps have begun
         self._auto: dict = {}  # the auto_dense decision
-        # DDP with find_unused_parameters / static_graph drops the output of a parameter no rank used:
-        # such a matrix then sends nothing and keeps what it owes (E) for when it is used again
-        self._skip_unused = False
 
     def config(self) -> dict:
         return {**super().config(), "rank": self.rank, "compression": self.compression, "explore": self.explore,
@@ -122,11 +119,9 @@ class LoreState(CommState):
     def bind(self, model) -> "LoreState":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if isinstance(model, DDP):
-            self._skip_unused = bool(model.find_unused_parameters or getattr(model, "static_graph", False))
-            model = model.module
-        named = list(model.named_parameters() if isinstance(model, torch.nn.Module) else model)
-        super().bind(model if isinstance(model, torch.nn.Module) else named)
+        module = model.module if isinstance(model, DDP) else model
+        named = list(module.named_parameters() if isinstance(module, torch.nn.Module) else module)
+        super().bind(model if isinstance(model, torch.nn.Module) else named)  # the DDP wrapper: its options
         if self.compression is not None:
             # what DDP sends: the trainable parameters
             self._budget_ranks = self._ranks_for_budget([(n, p) for n, p in named if p.requires_grad])
@@ -225,10 +220,6 @@ class LoreState(CommState):
         explore = 1 if coin(self.seed, t, _EXPLORE_COIN, self.explore) else 0
         return _C.LoreStep(buffer=buffer, batches=batches, dense_ranges=list(plan.dense_ranges), wire=self.wire,
                            explore=explore, seed=self.seed, step=t, skip_unused=self._skip_unused)
-
-    def _plan_fingerprint(self, plan, buffer, described) -> dict:
-        # every rank must send the used flags, or none (the sketch all-reduce's size)
-        return {**super()._plan_fingerprint(plan, buffer, described), "skips unused parameters": self._skip_unused}
 
     # ------------------------------------------------------------ auto_dense
     def _dense_flushed(self, plan: BucketPlan, buffer: torch.Tensor, batches):

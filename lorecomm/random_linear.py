@@ -67,7 +67,8 @@ class RandomLinearState(CommState):
         batches = [_C.Batch(b.view(buffer), b.tensors.get("E"), b.ids, b.rank) for b in plan.batches]
         return _C.RandomLinearStep(sketch=self.kind, buffer=buffer, batches=batches,
                                    dense_ranges=list(plan.dense_ranges), error_feedback=self.error_feedback,
-                                   seed=self.seed, step=t)
+                                   seed=self.seed, step=t,
+                                   skip_unused=self._skip_unused and self.error_feedback)  # without E nothing is owed
 
 
 def random_linear_hook(state: RandomLinearState, bucket) -> torch.futures.Future[torch.Tensor]:

@@ -44,12 +44,16 @@ def _mean_on_wire(xs: list[torch.Tensor], wire: torch.dtype) -> torch.Tensor:
 class _Simulated:
     def __init__(self, world_size: int, params: Sequence[tuple[str, Sequence[int]]], rank: int,
                  min_compression_rate: float, dense_name_patterns: Sequence[str], seed: int, error_feedback: bool,
-                 start_step: int):
+                 start_step: int, skip_unused: bool = False):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.N = world_size
         self.params = [(name, tuple(shape)) for name, shape in params]
         self.rank, self.seed, self.error_feedback, self.start_step = rank, seed, error_feedback, start_step
+        # as a state bound to DDP(find_unused_parameters=True): with error feedback, a compressed matrix
+        # whose gradient is exactly 0 on every rank (DDP drops its output) sends 0 and keeps its state
+        self.skip_unused = skip_unused
+        self._unused: set[int] = set()  # this step's such matrices
         self.t = 0
         self.ranks: list[int | None] = []  # per parameter: r, or None for dense
         for name, shape in self.params:
@@ -87,6 +91,14 @@ class _Simulated:
         if len(grads) != self.N:
             raise ValueError(f"expected gradients of {self.N} ranks, got {len(grads)}")
         self.t += 1
+        self._unused = set()
+        if self.skip_unused and self.error_feedback and not self._dense_step():
+            # one used flag per compressed matrix on the wire
+            self._unused = {p for p in self.compressed_params()
+                            if all(not bool(torch.any(grads[i][p] != 0)) for i in range(self.N))}
+            self.bytes_sent += self._flag_bytes * len(self.compressed_params())
+        if not self._dense_step():
+            self.bytes_sent += self._step_flag_bytes()
         out = []
         for p, (name, shape) in enumerate(self.params):
             gs = [grads[i][p].double() for i in range(self.N)]
@@ -100,6 +112,12 @@ class _Simulated:
     def _dense(self, p: int, gs: list[torch.Tensor]) -> torch.Tensor:
         self.bytes_sent += 4 * gs[0].numel()
         return sum(gs) / self.N
+
+    _flag_bytes = 4  # a used flag rides in a float32 collective
+
+    def _step_flag_bytes(self) -> int:
+        """Bytes a compressed step sends once (the simulation is one bucket), beside its matrices."""
+        return 0
 
     def _dense_step(self) -> bool:
         return self.t <= self.start_step
@@ -127,10 +145,9 @@ class SimulatedLore(_Simulated):
                  min_compression_rate: float = 2.0, explore: float = 0.125, wire: torch.dtype = torch.bfloat16,
                  seed: int = 0, dense_name_patterns=(), skip_unused: bool = False):
         self.explore = explore
-        self.skip_unused = skip_unused  # as LoreState bound to DDP(find_unused_parameters=True)
-        self._unused: set[int] = set()
         self.wire = F64 if wire == torch.float64 else wire
-        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, True, start_step)
+        super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, True, start_step,
+                         skip_unused)
         self.Q: dict[int, torch.Tensor] = {}
         for p in self.compressed_params():
             a, b = self._zeros(p).shape
@@ -139,19 +156,13 @@ class SimulatedLore(_Simulated):
     def _compressed_rank(self, m: int, n: int, rank: int, rate: float) -> int | None:
         return lore_rank(m, n, rank, rate, self._wire_bytes)
 
-    def step(self, grads):
-        self._unused = set()
-        if self.skip_unused and self.t + 1 > self.start_step:
-            # a matrix whose gradient is exactly 0 on every rank (DDP found it unused): one flag per
-            # compressed matrix on the wire
-            self._unused = {p for p in self.compressed_params()
-                            if all(not bool(torch.any(grads[i][p] != 0)) for i in range(self.N))}
-            self.bytes_sent += self._wire_bytes * len(self.compressed_params())
-        return super().step(grads)
-
     @property
     def _wire_bytes(self) -> int:
         return torch.tensor([], dtype=self.wire).element_size()
+
+    @property
+    def _flag_bytes(self) -> int:  # the used flags ride after the sketches, in the wire dtype
+        return self._wire_bytes
 
     def _dense(self, p: int, gs: list[torch.Tensor]) -> torch.Tensor:
         if self._dense_step():
@@ -203,24 +214,34 @@ class SimulatedGreedyLore(_Simulated):
     def __init__(self, world_size: int, params, rank: int = 32, update_interval: int = 200, start_step: int = 1000,
                  min_compression_rate: float = 2.0, selection: str = "greedy", probes: str = "sketch",
                  sketch_size: int = 4, error_feedback: bool = True, seed: int = 0,
-                 dense_name_patterns=DEFAULT_DENSE_PATTERNS):
+                 dense_name_patterns=DEFAULT_DENSE_PATTERNS, skip_unused: bool = False):
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
-                         start_step)
+                         start_step, skip_unused)
         self.tau = update_interval
         self.selection, self.probes, self.k = selection, probes, sketch_size
         self.U: dict[int, torch.Tensor] = {
             p: torch.eye(self._zeros(p).shape[0], dtype=F64) for p in self.compressed_params()}
 
+    def _refresh_step(self) -> bool:
+        return (self.t - self.start_step - 1) % self.tau == 0
+
+    def _step_flag_bytes(self) -> int:
+        # a given selection (fixed, random) sends the one-float finite flag before the factors
+        return 4 if self.selection != "greedy" and not self._refresh_step() else 0
+
     def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
         a, b = hs[0].shape
         r = self.ranks[p]
         N = self.N
-        if (self.t - self.start_step - 1) % self.tau == 0:  # refresh: the semi-lazy SVD
+        if self._refresh_step():  # refresh: the semi-lazy SVD
+            # the dense all-reduce, then the basis checksum pair (two int64) of every matrix
+            self.bytes_sent += 4 * a * b + 16
+            if p in self._unused:  # sends G = 0 (dropped by DDP); E and U stay for when it is used again
+                return torch.zeros(a, b, dtype=F64)
             hbar = sum(hs) / N
             self.U[p] = torch.linalg.svd(hbar, full_matrices=True).U
             for i in range(N):
                 self.E[i][p].zero_()
-            self.bytes_sent += 4 * a * b
             return hbar
         U = self.U[p]
         if self.selection == "greedy":
@@ -240,16 +261,16 @@ class SimulatedGreedyLore(_Simulated):
             J = torch.tensor(J)
         elif self.selection == "fixed":
             J = torch.arange(r)
-            self.bytes_sent += 4
         else:
             J = random_indices(probe_key(self.seed, self.t, p, 1), a, r)
-            self.bytes_sent += 4
+        self.bytes_sent += 4 * r * b
+        if p in self._unused:  # sends R = 0; E stays for when it is used again
+            return torch.zeros(a, b, dtype=F64)
         P = U[:, J]
         Rs = [P.t() @ h for h in hs]
         if self.error_feedback:
             for i in range(N):
                 self.E[i][p] = hs[i] - P @ Rs[i]
-        self.bytes_sent += 4 * r * b
         return P @ (sum(Rs) / N)
 
 
@@ -269,13 +290,16 @@ class SimulatedRandomLinear(_Simulated):
 
     def __init__(self, world_size: int, params, kind: str = "haar", rank: int = 32, error_feedback: bool = False,
                  seed: int = 0, start_step: int = 0, min_compression_rate: float = 2.0,
-                 dense_name_patterns=DEFAULT_DENSE_PATTERNS):
+                 dense_name_patterns=DEFAULT_DENSE_PATTERNS, skip_unused: bool = False):
         super().__init__(world_size, params, rank, min_compression_rate, dense_name_patterns, seed, error_feedback,
-                         start_step)
+                         start_step, skip_unused)
         from .random_linear import KINDS
         from .state import check_choice
 
         self.kind = check_choice("kind", kind, KINDS)
+
+    def _step_flag_bytes(self) -> int:
+        return 4  # the one-float finite flag before the factors
 
     def _matrix_step(self, p: int, hs: list[torch.Tensor]) -> torch.Tensor:
         a, b = hs[0].shape
@@ -284,6 +308,8 @@ class SimulatedRandomLinear(_Simulated):
         unbiased = not self.error_feedback
         key = probe_key(self.seed, self.t, p, 2)
         self.bytes_sent += 4 * r * b
+        if p in self._unused:  # sends 0; E stays for when it is used again
+            return torch.zeros(a, b, dtype=F64)
         if self.kind == "randk":
             idx = random_indices(key, a * b, r * b)
             mask = torch.zeros(a * b, dtype=F64)

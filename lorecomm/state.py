@@ -158,6 +158,10 @@ class CommState:
         self._model_ref: weakref.ref | None = None
         self._params: dict[int, tuple[int, str]] = {}  # id(param) -> (param_id, name)
         self._dense_params: set[int] = set()  # id(param) of embedding tables / heads
+        # DDP with find_unused_parameters / static_graph drops the output of a parameter no rank used:
+        # with error feedback such a matrix then sends nothing and keeps what it owes (E) for when it
+        # is used again (set by bind(ddp); read by the compressors' steps)
+        self._skip_unused = False
         self._rt: _engine.Runtime | None = None
         self._plans: dict[tuple, BucketPlan] = {}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}  # loaded, not yet placed
@@ -202,6 +206,8 @@ class CommState:
         """
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if isinstance(model, DDP):
+            self._skip_unused = bool(model.find_unused_parameters or getattr(model, "static_graph", False))
         if isinstance(model, torch.nn.Module):
             module = model.module if isinstance(model, DDP) else model
             owner = module  # a new DDP wrapper of the same module (Lightning's next fit) is the same model
@@ -431,6 +437,8 @@ class CommState:
             "bucket": f"{buffer.numel()} {str(buffer.dtype).replace('torch.', '')} elements",
             "compressed": [f"{name} {'x'.join(map(str, shape))} r={ranks[name]}"
                            for _, name, shape, _ in described if name in ranks],
+            # every rank must send the used flags, or none (the size of a collective)
+            "skips unused parameters": self._skip_unused,
         }
 
     def _agree(self, what: str, mine: dict) -> None:

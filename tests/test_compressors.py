@@ -247,7 +247,7 @@ def test_byte_accounting_matches_hand_computed_payloads():
     assert out["haar"][0] == [4 * 1 + 4 * (factors + dense_leftover)]
 
 
-# --- Lore and parameters DDP found unused (find_unused_parameters=True) --------------------------
+# --- parameters DDP found unused (find_unused_parameters=True) ------------------------------------
 UNUSED_PARAMS = [("w1", (24, 40)), ("w3", (24, 40)), ("w2", (40, 24)), ("b1", (24,))]
 UNUSED_STEPS = {"w3": (4, 5, 6)}  # zero on every rank: DDP drops its output
 ZERO_ON_RANK0 = {"w2": (5,)}     # zero on one rank only: used, averaged as usual
@@ -261,9 +261,9 @@ def unused_grads(step: int, rank: int) -> list[torch.Tensor]:
     return gs
 
 
-def _unused_run(rank, world, cfg, dtype=torch.float32):
+def _unused_run(rank, world, cfg, dtype=torch.float32, kind="lore"):
     ps = [torch.nn.Parameter(torch.zeros(s)) for _, s in UNUSED_PARAMS]
-    state = lorecomm.LoreState(**cfg).bind([(n, p) for (n, _), p in zip(UNUSED_PARAMS, ps)])
+    state = _make_state(kind, cfg).bind([(n, p) for (n, _), p in zip(UNUSED_PARAMS, ps)])
     state._skip_unused = True  # what binding to DDP(find_unused_parameters=True) sets
     outs, kept = [], []
     for t in range(1, 9):
@@ -273,7 +273,10 @@ def _unused_run(rank, world, cfg, dtype=torch.float32):
         outs.append(buf)
         after = state._param_tensors()["w3"]
         kept.append(bool(before) and all(torch.equal(before[k], after[k]) for k in before))
-    return outs, kept, state.stats()["bytes_sent"]
+    return outs, kept, state.stats()["bytes_sent"], state._param_tensors()["w3"]["E"].double()
+
+
+W3 = slice(24 * 40, 2 * 24 * 40)  # w3 in the flat bucket (24 x 40: E holds it as it is)
 
 
 @pytest.mark.parametrize("explore", [0.0, 1.0])
@@ -283,17 +286,53 @@ def test_lore_keeps_what_an_unused_parameter_owes(explore):
     cfg = dict(rank=2, start_step=2, min_compression_rate=1.5, wire=torch.float32, explore=explore)
     res = run_ranks(_unused_run, 2, cfg)
     sim = SimulatedLore(2, UNUSED_PARAMS, skip_unused=True, **cfg)
+    _held_to_the_simulation(res, sim)
+
+
+def _held_to_the_simulation(res, sim):
     for t in range(1, 9):
         ref = torch.cat([o.reshape(-1) for o in sim.step([unused_grads(t, i) for i in range(2)])])
         assert torch.equal(res[0][0][t - 1], res[1][0][t - 1]), f"replicas differ at step {t}"
         err = (res[0][0][t - 1].double() - ref).abs().max() / ref.abs().max()
         assert err < 1e-4, f"step {t}: relative error {err:.2e} vs simulation"
-        w3 = slice(24 * 40, 2 * 24 * 40)
         if t in UNUSED_STEPS["w3"]:
-            assert torch.count_nonzero(res[0][0][t - 1][w3]) == 0
-    for _, kept, nbytes in res:
-        assert kept == [t in UNUSED_STEPS["w3"] for t in range(1, 9)], kept
+            assert torch.count_nonzero(res[0][0][t - 1][W3]) == 0
+    for _, kept, nbytes, _ in res:  # after the warm-up (steps 1-2): the state changes where w3 is used
+        assert kept[2:] == [t in UNUSED_STEPS["w3"] for t in range(3, 9)], kept
         assert nbytes == sim.bytes_sent
+    # nothing lost: what the optimizer got of w3 (DDP drops its outputs while no rank uses it) plus
+    # what the ranks still owe (their mean E) is every gradient of w3 given
+    p = [n for n, _ in UNUSED_PARAMS].index("w3")
+    given = sum((unused_grads(t, 0)[p] + unused_grads(t, 1)[p]) / 2 for t in range(1, 9))
+    applied = sum(res[0][0][t - 1][W3].double() for t in range(1, 9) if t not in UNUSED_STEPS["w3"])
+    owed = (res[0][3] + res[1][3]) / 2
+    err = (applied.view(24, 40) + owed - given).abs().max() / given.abs().max()
+    assert err < 1e-5, f"w3: {err:.2e} of its gradient lost"
+
+
+@pytest.mark.parametrize("kind, cfg", [
+    ("greedy", dict(selection="greedy", update_interval=3)),  # refresh at steps 3 and 6 (w3 unused at 6)
+    ("greedy", dict(selection="fixed", update_interval=3, probes="paper")),
+    ("random", dict(kind="randk", error_feedback=True)),
+    ("random", dict(kind="haar", error_feedback=True)),
+], ids=["greedylore", "greedylore-fixed", "randk-ef", "haar-ef"])
+def test_the_baselines_keep_what_an_unused_parameter_owes(kind, cfg):
+    """GreedyLore (compressed and refresh steps) and the random-linear baselines with error feedback: a
+    matrix no rank used sends 0 and keeps its state (E, and GreedyLore's basis), held against the float64
+    simulation; nothing of its gradient is lost."""
+    cfg = dict(rank=2, start_step=2, min_compression_rate=1.5, **cfg)
+    res = run_ranks(_unused_run, 2, cfg, torch.float32, kind)
+    _held_to_the_simulation(res, _SIMS[kind](2, UNUSED_PARAMS, skip_unused=True, dense_name_patterns=(), **cfg))
+
+
+@pytest.mark.parametrize("kind, cfg", [("greedy", dict(update_interval=3)),
+                                       ("random", dict(kind="randk", error_feedback=True))],
+                         ids=["greedylore", "randk-ef"])
+def test_the_baselines_keep_what_an_unused_parameter_owes_in_fp16_buckets(kind, cfg):
+    cfg = dict(rank=2, start_step=2, min_compression_rate=1.5, **cfg)
+    for outs, kept, _, _ in run_ranks(_unused_run, 2, cfg, torch.float16, kind):
+        assert kept[2:] == [t in UNUSED_STEPS["w3"] for t in range(3, 9)], kept
+        assert all(torch.isfinite(o).all() for o in outs)
 
 
 @pytest.mark.parametrize("rank, explore", [(2, 0.0), (1, 1.0)])
@@ -301,6 +340,6 @@ def test_lore_keeps_what_an_unused_parameter_owes_in_fp16_buckets(rank, explore)
     """fp16 buckets update E only after the output was checked: the unused matrix's E stays there too
     (at rank 1 exploring, the check's second projection has the step's two directions)."""
     cfg = dict(rank=rank, start_step=2, min_compression_rate=1.5, explore=explore)
-    for outs, kept, _ in run_ranks(_unused_run, 2, cfg, torch.float16):
+    for outs, kept, _, _ in run_ranks(_unused_run, 2, cfg, torch.float16):
         assert kept == [t in UNUSED_STEPS["w3"] for t in range(1, 9)], kept
         assert all(torch.isfinite(o).all() for o in outs)

@@ -1310,11 +1310,19 @@ class Branchy(torch.nn.Module):
         return self.head(h + self.aux(h) if use_aux else h)
 
 
-def _unused_branch(rank, world):
+_UNUSED_BRANCH_CONFIGS = {
+    "lore": dict(auto_dense=False),
+    # refreshes at steps 4, 7 and 10: one while aux is unused
+    "greedylore": dict(compressor="greedylore", update_interval=3),
+    "randk-ef": dict(compressor="random_linear", kind="randk", error_feedback=True),
+}
+
+
+def _unused_branch(rank, world, compressor="lore"):
     torch.manual_seed(0)
     m = Branchy()
     ddp = DDP(m, find_unused_parameters=True)
-    state = lorecomm.register(ddp, rank=2, start_step=3, auto_dense=False)
+    state = lorecomm.register(ddp, rank=2, start_step=3, **_UNUSED_BRANCH_CONFIGS[compressor])
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     owed = []
     for step in range(1, 11):
@@ -1328,10 +1336,12 @@ def _unused_branch(rank, world):
     return state._skip_unused, owed, flat
 
 
-def test_a_branch_no_rank_used_keeps_its_error_feedback():
-    """DDP(find_unused_parameters=True) drops the output of a parameter no rank used: Lore keeps what it
-    owes (E) for when it is used again, instead of sending it into the dropped output."""
-    (skips, owed, p0), (_, _, p1) = run_ranks(_unused_branch, 2)
+@pytest.mark.parametrize("compressor", sorted(_UNUSED_BRANCH_CONFIGS))
+def test_a_branch_no_rank_used_keeps_its_error_feedback(compressor):
+    """DDP(find_unused_parameters=True) drops the output of a parameter no rank used: every compressor
+    with error feedback keeps what it owes (E) for when it is used again, instead of sending it into the
+    dropped output."""
+    (skips, owed, p0), (_, _, p1) = run_ranks(_unused_branch, 2, compressor)
     assert skips is True and torch.equal(p0, p1)
     assert owed[4].norm() > 0
     for t in (5, 6, 7, 8):  # steps 6-9: unchanged

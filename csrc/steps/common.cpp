@@ -97,6 +97,30 @@ Tensor nonzero_matrices(const Tensor& X) {
   return at::linalg_vector_norm(X, INFINITY, {1, 2}, false, at::kFloat).ne(0);  // no |X| temporary
 }
 
+int64_t matrices_of(const std::vector<Batch>& batches) {
+  int64_t n = 0;
+  for (const auto& b : batches) n += b.B();
+  return n;
+}
+
+void used_flags(const std::vector<Batch>& batches, const Tensor& out) {
+  int64_t pos = 0;
+  for (const auto& b : batches) {
+    out.narrow(0, pos, b.B()).copy_(nonzero_matrices(b.G));
+    pos += b.B();
+  }
+}
+
+std::vector<Tensor> unused_masks(const std::vector<Batch>& batches, const Tensor& reduced) {
+  std::vector<Tensor> masks;
+  int64_t pos = 0;
+  for (const auto& b : batches) {
+    masks.push_back(reduced.narrow(0, pos, b.B()).eq(0).view({-1, 1, 1}));
+    pos += b.B();
+  }
+  return masks;
+}
+
 Tensor random_indices(const Tensor& keys, int64_t n, int64_t r) {
   // the r smallest of n shared N(0,1) draws per matrix: a uniformly random r-subset
   Tensor u = call1("lorecomm::probe_normal", {keys, int64_t{1}, n}).squeeze(1);

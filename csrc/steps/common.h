@@ -58,6 +58,15 @@ Tensor poison(const Tensor& ok);
 // parameter's gradient, an error buffer that still owes something.
 Tensor nonzero_matrices(const Tensor& X);
 
+// skip_unused (DDP with find_unused_parameters / static_graph drops the output of a parameter
+// no rank used): `used_flags` writes one 0/1 per matrix of the batches into out[0 : matrices],
+// to ride in a mean all-reduce; `unused_masks` reads them back reduced, per batch a (B, 1, 1)
+// bool mask of the matrices no rank used (the same on every rank; on the device, no host sync).
+// A step projects those on a zero basis: it sends 0 for them and keeps their E exactly.
+int64_t matrices_of(const std::vector<Batch>& batches);
+void used_flags(const std::vector<Batch>& batches, const Tensor& out);
+std::vector<Tensor> unused_masks(const std::vector<Batch>& batches, const Tensor& reduced);
+
 // r distinct sorted indices out of range(n) per matrix, from Philox draws keyed
 // per matrix: lorecomm.sketches.random_indices (B, r) int64.
 Tensor random_indices(const Tensor& keys, int64_t n, int64_t r);

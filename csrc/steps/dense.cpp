@@ -19,19 +19,18 @@ void DenseStep::run(engine::Comm& comm) {
   // step's collectives)
   std::vector<Tensor> used(flush.size()), owed(flush.size());
   if (skip_unused && !flush.empty()) {
-    int64_t n = 0;
-    for (const auto& b : flush) n += b.B();
-    Tensor flags = at::empty({2, n}, buffer.options().dtype(at::kFloat));
+    Tensor flags = at::empty({2, matrices_of(flush)}, buffer.options().dtype(at::kFloat));
+    used_flags(flush, flags[0]);
     int64_t pos = 0;
     for (const auto& b : flush) {
-      flags[0].narrow(0, pos, b.B()).copy_(nonzero_matrices(b.G));
       flags[1].narrow(0, pos, b.B()).copy_(nonzero_matrices(b.E));
       pos += b.B();
     }
     comm.all_reduce_sum(flags, "used flags");
+    const std::vector<Tensor> unused = unused_masks(flush, flags[0]);
     pos = 0;
     for (size_t i = 0; i < flush.size(); ++i) {
-      used[i] = flags[0].narrow(0, pos, flush[i].B()).ne(0).view({-1, 1, 1});
+      used[i] = unused[i].logical_not();
       owed[i] = flags[1].narrow(0, pos, flush[i].B()).ne(0);
       pos += flush[i].B();
     }

@@ -16,6 +16,11 @@
 //                packed after the factors -> factor all-reduce (mean) -> NaN
 //                poisoning of a non-finite step -> decompress into the bucket,
 //                dense leftovers scattered back.
+// With skip_unused (DDP with find_unused_parameters / static_graph drops the
+// output of a parameter no rank used) one flag per matrix rides after the
+// scores (or the finite flag), on refresh steps in one small all-reduce before
+// the dense one: a matrix no rank used sends 0, keeps its E exactly (and its
+// basis), and what it owes is sent when it is used again.
 // An fp16 bucket whose decompressed values overflow counts as non-finite: its
 // error buffers are updated only after the output was checked (from a copy of
 // the local gradient), so they stay untouched then.
@@ -108,14 +113,17 @@ void GreedyLoreStep::run_compressed(engine::Comm& comm) {
   Tensor wire = at::empty({factors + dense_numel}, fopts);
   Tensor dense = wire.narrow(0, factors, dense_numel);
   gather_ranges(buf, dense_ranges, dense);
-  std::vector<Tensor> picks;
+  const int64_t matrices = matrices_of(batches);
+  std::vector<Tensor> picks, unused(batches.size());
   Tensor ok_now;
   if (selection != "greedy") {
-    // given selections: only the global finite flag travels before the factors
-    Tensor bad = at::zeros({1}, fopts);
-    bad.add_(at::isfinite(buf).logical_not().any());
+    // given selections: only the global finite flag (and the used flags) travel before the factors
+    Tensor bad = at::zeros({1 + (skip_unused ? matrices : 0)}, fopts);
+    bad.narrow(0, 0, 1).add_(at::isfinite(buf).logical_not().any());
+    if (skip_unused) used_flags(batches, bad.narrow(0, 1, matrices));
     comm.all_reduce_mean(bad, "finite-flag");
     ok_now = bad.select(0, 0).eq(0);
+    if (skip_unused) unused = unused_masks(batches, bad.narrow(0, 1, matrices));
     for (const auto& b : batches) {
       if (selection == "fixed")
         picks.push_back(at::arange(b.rank, b.ids.options()).expand({b.B(), b.rank}));
@@ -131,7 +139,11 @@ void GreedyLoreStep::run_compressed(engine::Comm& comm) {
                                 : call1("lorecomm::score_paper", {b.G, b.E, b.U, keys});
       scores.push_back(lam.reshape({-1}));
     }
+    int64_t nscores = 0;
+    for (const auto& x : scores) nscores += x.numel();
+    if (skip_unused) scores.push_back(at::empty({matrices}, fopts));  // the used flags ride after the scores
     Tensor flat = at::cat(scores);
+    if (skip_unused) used_flags(batches, flat.narrow(0, nscores, matrices));
     // a non-finite dense leftover must skip the step too: its NaN rides in the
     // first score (x + 0.0 leaves every score as it was otherwise)
     if (dense_numel > 0) flat.narrow(0, 0, 1).add_(poison(at::isfinite(dense).all()));
@@ -139,8 +151,9 @@ void GreedyLoreStep::run_compressed(engine::Comm& comm) {
     comm.all_reduce_mean(flat, "score");
     // 3. global finite flag and greedy selection, on device
     ok_now = at::isfinite(flat).all();
+    if (skip_unused) unused = unused_masks(batches, flat.narrow(0, nscores, matrices));
     int64_t pos = 0;
-    for (size_t i = 0; i < scores.size(); ++i) {
+    for (size_t i = 0; i < batches.size(); ++i) {
       const auto& b = batches[i];
       const int64_t n = scores[i].numel();
       Tensor energy = flat.narrow(0, pos, n).view({b.B(), b.a(), -1}).square().mean(-1);
@@ -159,6 +172,8 @@ void GreedyLoreStep::run_compressed(engine::Comm& comm) {
     auto& b = batches[i];
     const int64_t B = b.B(), a = b.a(), n = b.b(), r = b.rank;
     Tensor P = b.U.gather(2, picks[i].unsqueeze(1).expand({B, a, r}));
+    // a matrix no rank used (skip_unused) is projected on P = 0: it sends R = 0 and keeps E exactly
+    if (unused[i].defined()) P = at::where(unused[i], at::zeros_like(P), P);
     Tensor R = wire.narrow(0, pos, B * r * n).view({B, r, n});
     call0("lorecomm::project_residual", {b.G, b.E, P, R, update_now});
     PR.emplace_back(P, R);
@@ -195,16 +210,30 @@ void GreedyLoreStep::run_refresh(engine::Comm& comm) {
   auto view_in = [&](const Tensor& base, const Tensor& G) {
     return base.as_strided(G.sizes(), G.strides(), base.storage_offset() + G.storage_offset() - buf.storage_offset());
   };
+  // skip_unused: the matrices no rank used, from one small all-reduce first; they send G = 0 (their
+  // output is dropped), keep E for when they are used again, and keep their basis
+  std::vector<Tensor> unused(batches.size());
+  if (skip_unused) {
+    Tensor flags = at::empty({matrices_of(batches)}, buf.options().dtype(at::kFloat));
+    used_flags(batches, flags);
+    comm.all_reduce_mean(flags, "used-flags");
+    unused = unused_masks(batches, flags);
+  }
   // 1. dense all-reduce of the error-corrected gradient
   if (error_feedback)
-    for (const auto& b : batches) view_in(h, b.G).add_(b.E);
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const auto& b = batches[i];
+      view_in(h, b.G).add_(unused[i].defined() ? at::where(unused[i], at::zeros_like(b.E), b.E) : b.E);
+    }
   comm.all_reduce_mean(h, "refresh");
   if (!h.is_same(buf)) buf.copy_(h);
   // 2. new bases where the whole mean bucket is finite (in the bucket's dtype), error buffers reset
   Tensor okv = at::isfinite(buf).all();
-  for (const auto& b : batches) {
-    b.U.copy_(at::where(okv, call1("lorecomm::refresh_basis", {view_in(h, b.G)}), b.U));
-    b.E.masked_fill_(okv, 0.0);
+  for (size_t i = 0; i < batches.size(); ++i) {
+    const auto& b = batches[i];
+    const Tensor update = unused[i].defined() ? okv.logical_and(unused[i].logical_not()) : okv;
+    b.U.copy_(at::where(update, call1("lorecomm::refresh_basis", {view_in(h, b.G)}), b.U));
+    b.E.masked_fill_(update, 0.0);
   }
   ok.copy_(okv);
   // 3. bit-identical bases on every rank: compare checksums, repair from rank 0

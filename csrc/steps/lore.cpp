@@ -94,12 +94,7 @@ void LoreStep::run(engine::Comm& comm) {
     y.narrow(0, pos, n).view({b.B(), b.a(), t}).copy_(call1("lorecomm::range_sketch", {b.G, b.E, Qt}));
     pos += n;
   }
-  if (skip_unused) {
-    for (const auto& b : batches) {
-      y.narrow(0, pos, b.B()).copy_(nonzero_matrices(b.G));
-      pos += b.B();
-    }
-  }
+  if (skip_unused) used_flags(batches, y.narrow(0, pos, matrices));
   if (dense_numel > 0) {
     // a non-finite dense leftover must skip the step too: its NaN rides in the first sketch value
     Tensor dense = at::empty({dense_numel}, fopts);
@@ -116,14 +111,8 @@ void LoreStep::run(engine::Comm& comm) {
   std::vector<Tensor> V(batches.size());
   // the matrices no rank used (skip_unused; the same on every rank: read from the reduced flags), as
   // a (B, 1, 1) mask on the device: no host sync
-  std::vector<Tensor> unused(batches.size());
-  if (skip_unused) {
-    int64_t upos = sketch;
-    for (size_t i = 0; i < batches.size(); ++i) {
-      unused[i] = w1.narrow(0, upos, batches[i].B()).eq(0).view({-1, 1, 1});
-      upos += batches[i].B();
-    }
-  }
+  const std::vector<Tensor> unused = skip_unused ? unused_masks(batches, w1.narrow(0, sketch, matrices))
+                                                 : std::vector<Tensor>(batches.size());
   pos = 0;
   int64_t fpos = 0;
   for (size_t i = 0; i < batches.size(); ++i) {

@@ -11,7 +11,10 @@
 // a/r); with error feedback it is left unscaled and E keeps H - Q^T Q H.
 //
 // Order: one-float finite-flag all-reduce, factors (+ dense leftovers)
-// all-reduce, NaN poisoning of a non-finite step, decompress.
+// all-reduce, NaN poisoning of a non-finite step, decompress. With skip_unused
+// (error feedback under DDP with find_unused_parameters / static_graph) one used
+// flag per matrix rides after the finite flag: a matrix no rank used sends 0
+// and keeps its E exactly, for when it is used again.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -53,11 +56,15 @@ void RandomLinearStep::run(engine::Comm& comm) {
   const auto fopts = buf.options().dtype(at::kFloat);
   const bool unbiased = !error_feedback;
   const bool deferred = error_feedback && buf.scalar_type() == at::kHalf;  // E after the fp16 output is checked
-  // 1. the global finite flag
-  Tensor bad = at::zeros({1}, fopts);
-  bad.add_(at::isfinite(buf).logical_not().any());
+  // 1. the global finite flag (and, skip_unused, one used flag per matrix after it)
+  const int64_t matrices = matrices_of(batches);
+  Tensor bad = at::zeros({1 + (skip_unused ? matrices : 0)}, fopts);
+  bad.narrow(0, 0, 1).add_(at::isfinite(buf).logical_not().any());
+  if (skip_unused) used_flags(batches, bad.narrow(0, 1, matrices));
   comm.all_reduce_mean(bad, "finite-flag");
   const Tensor ok_now = bad.select(0, 0).eq(0);
+  const std::vector<Tensor> unused =
+      skip_unused ? unused_masks(batches, bad.narrow(0, 1, matrices)) : std::vector<Tensor>(batches.size());
   const Tensor update_now = error_feedback && !deferred ? ok_now : at::zeros_like(ok_now);
   int64_t factors = 0;
   for (const auto& b : batches) factors += b.B() * b.rank * b.b();
@@ -67,21 +74,27 @@ void RandomLinearStep::run(engine::Comm& comm) {
   std::vector<Tensor> draws;  // per batch: the coordinates (randk) or the frame
   std::vector<double> scales;
   int64_t pos = 0;
-  for (auto& b : batches) {
+  for (size_t i = 0; i < batches.size(); ++i) {
+    const auto& b = batches[i];
     const int64_t B = b.B(), a = b.a(), n = b.b(), r = b.rank;
     Tensor keys = keys_for(b, seed, step, kSketchStream);
     Tensor R = wire.narrow(0, pos, B * r * n).view({B, r, n});
     pos += B * r * n;
+    // a matrix no rank used (skip_unused) sends 0 and keeps E exactly (its output is dropped)
     if (sketch == "randk") {
       Tensor idx = random_indices(keys, a * n, r * n);
       Tensor H = b.E.defined() ? b.G.to(at::kFloat) + b.E : b.G.to(at::kFloat);
       R.view({B, -1}).copy_(H.reshape({B, -1}).gather(1, idx));
-      if (b.E.defined())
-        b.E.copy_(at::where(update_now, H.reshape({B, -1}).scatter(1, idx, 0.0).view({B, a, n}), b.E));
+      if (unused[i].defined()) R.masked_fill_(unused[i], 0.0);
+      if (b.E.defined()) {
+        const Tensor update = unused[i].defined() ? update_now.logical_and(unused[i].logical_not()) : update_now;
+        b.E.copy_(at::where(update, H.reshape({B, -1}).scatter(1, idx, 0.0).view({B, a, n}), b.E));
+      }
       draws.push_back(idx);
       scales.push_back(unbiased ? static_cast<double>(a) / r : 1.0);
     } else {
       Tensor P = frame(sketch, keys, a, r, unbiased);
+      if (unused[i].defined()) P = at::where(unused[i], at::zeros_like(P), P);
       Tensor E = b.E.defined() ? b.E : at::zeros({B, a, n}, fopts);
       call0("lorecomm::project_residual", {b.G, E, P, R, update_now});
       draws.push_back(P);
@@ -118,7 +131,8 @@ void RandomLinearStep::run(engine::Comm& comm) {
       Tensor G0 = local.as_strided(b.G.sizes(), b.G.strides(), b.G.storage_offset() - buf.storage_offset());
       if (sketch == "randk") {
         Tensor H = G0.to(at::kFloat) + b.E;
-        b.E.copy_(at::where(ok_final, H.reshape({b.B(), -1}).scatter(1, draws[i], 0.0).view_as(b.E), b.E));
+        const Tensor update = unused[i].defined() ? ok_final.logical_and(unused[i].logical_not()) : ok_final;
+        b.E.copy_(at::where(update, H.reshape({b.B(), -1}).scatter(1, draws[i], 0.0).view_as(b.E), b.E));
       } else {
         Tensor scratch = at::empty({b.B(), b.rank, b.b()}, fopts);
         call0("lorecomm::project_residual", {G0, b.E, draws[i], scratch, ok_final});

@@ -38,6 +38,7 @@ struct GreedyLoreStep : engine::Step {
   int64_t sketch_k = 0;          // 0: the paper's probes; k > 0: k shared sketch probes
   bool error_feedback = true;
   int64_t seed = 0, step = 0;    // keys of the shared draws
+  bool skip_unused = false;      // with error feedback: a matrix whose gradient is 0 on every rank sends 0, keeps E and U
   Tensor ok;                     // 0-dim bool on the device: the bucket was finite on every rank
   std::vector<int64_t> repairs;  // refresh: 1 per batch whose bases were broadcast from rank 0
 
@@ -58,6 +59,7 @@ struct RandomLinearStep : engine::Step {
   Ranges dense_ranges;
   bool error_feedback = false;
   int64_t seed = 0, step = 0;
+  bool skip_unused = false;      // with error feedback: a matrix whose gradient is 0 on every rank sends 0, keeps E
   Tensor ok;
 
   std::string kind() const override { return sketch + " compressed"; }
