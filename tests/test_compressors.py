@@ -311,8 +311,10 @@ def _held_to_the_simulation(res, sim):
 
 
 @pytest.mark.parametrize("kind, cfg", [
-    ("greedy", dict(selection="greedy", update_interval=3)),  # refresh at steps 3 and 6 (w3 unused at 6)
-    ("greedy", dict(selection="fixed", update_interval=3, probes="paper")),
+    # start_step 1: refreshes at steps 2, 5 and 8, so w3 owes a nonzero E (from step 3) when it goes
+    # unused at step 4, and is unused at the refresh of step 5
+    ("greedy", dict(selection="greedy", update_interval=3, start_step=1)),
+    ("greedy", dict(selection="fixed", update_interval=3, probes="paper", start_step=1)),
     ("random", dict(kind="randk", error_feedback=True)),
     ("random", dict(kind="haar", error_feedback=True)),
 ], ids=["greedylore", "greedylore-fixed", "randk-ef", "haar-ef"])
@@ -320,16 +322,16 @@ def test_the_baselines_keep_what_an_unused_parameter_owes(kind, cfg):
     """GreedyLore (compressed and refresh steps) and the random-linear baselines with error feedback: a
     matrix no rank used sends 0 and keeps its state (E, and GreedyLore's basis), held against the float64
     simulation; nothing of its gradient is lost."""
-    cfg = dict(rank=2, start_step=2, min_compression_rate=1.5, **cfg)
+    cfg = {"rank": 2, "start_step": 2, "min_compression_rate": 1.5, **cfg}
     res = run_ranks(_unused_run, 2, cfg, torch.float32, kind)
     _held_to_the_simulation(res, _SIMS[kind](2, UNUSED_PARAMS, skip_unused=True, dense_name_patterns=(), **cfg))
 
 
-@pytest.mark.parametrize("kind, cfg", [("greedy", dict(update_interval=3)),
+@pytest.mark.parametrize("kind, cfg", [("greedy", dict(update_interval=3, start_step=1)),
                                        ("random", dict(kind="randk", error_feedback=True))],
                          ids=["greedylore", "randk-ef"])
 def test_the_baselines_keep_what_an_unused_parameter_owes_in_fp16_buckets(kind, cfg):
-    cfg = dict(rank=2, start_step=2, min_compression_rate=1.5, **cfg)
+    cfg = {"rank": 2, "start_step": 2, "min_compression_rate": 1.5, **cfg}
     for outs, kept, _, _ in run_ranks(_unused_run, 2, cfg, torch.float16, kind):
         assert kept[2:] == [t in UNUSED_STEPS["w3"] for t in range(3, 9)], kept
         assert all(torch.isfinite(o).all() for o in outs)
