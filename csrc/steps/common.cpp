@@ -129,10 +129,16 @@ Tensor random_indices(const Tensor& keys, int64_t n, int64_t r) {
 }
 
 Tensor orthonormal_columns(const Tensor& Y) {
-  auto [q, rr] = at::linalg_qr(Y.to(at::kDouble));
+  // in Y's precision: in float32 Householder QR takes half the float64 time (which on Lore's
+  // step path was nearly a sketch GEMM), and Q is orthonormal to float32 rounding whatever Y's
+  // conditioning
+  auto [q, rr] = at::linalg_qr(Y.scalar_type() == at::kDouble ? Y : Y.to(at::kFloat));
   Tensor d = rr.diagonal(0, -2, -1).sign();
   d = at::where(d == 0, at::ones_like(d), d);
-  return (q * d.unsqueeze(-2)).to(at::kFloat);
+  // LAPACK's Q is column-major: made row-major once here (the ops read V row by row; each
+  // would otherwise copy it), then the sign fix (exact) on the contiguous copy
+  return q.to(at::kFloat, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous)
+      .mul_(d.unsqueeze(-2).to(at::kFloat));
 }
 
 }  // namespace lorecomm::steps

@@ -72,8 +72,9 @@ std::vector<Tensor> unused_masks(const std::vector<Batch>& batches, const Tensor
 Tensor random_indices(const Tensor& keys, int64_t n, int64_t r);
 
 // (B, a, c) -> (B, a, c) float32 orthonormal columns spanning the same nested
-// ranges: Householder QR in float64, signs fixed by R's diagonal (deterministic
-// for identical inputs, so every rank derives the same bases from the same sums).
+// ranges: Householder QR in Y's precision (float64 for float64 Y, else float32), signs
+// fixed by R's diagonal (deterministic for identical inputs, so every rank derives the
+// same bases from the same sums).
 Tensor orthonormal_columns(const Tensor& Y);
 
 inline std::vector<at::Tensor> batch_tensors(const std::vector<Batch>& batches) {

@@ -43,8 +43,12 @@ constexpr int64_t kExploreStream = 3, kWarmStream = 4;
 
 // Rbar (B, r, b) with its rows by decreasing energy (ties keep the lower row first).
 Tensor by_energy(const Tensor& Rbar) {
+  const int64_t B = Rbar.size(0), r = Rbar.size(1);
   Tensor order = std::get<1>(Rbar.square().sum(-1).sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
-  return Rbar.gather(1, order.unsqueeze(-1).expand_as(Rbar));
+  // whole rows by index_select on the (B r, b) view: a row copy each, where gather with an
+  // expanded index reads one index per element (2x slower on CPU for (8, 64, 1024))
+  Tensor rows = order.add(at::arange(B, order.options()).mul_(r).unsqueeze(1)).flatten();
+  return Rbar.contiguous().view({B * r, Rbar.size(2)}).index_select(0, rows).view(Rbar.sizes());
 }
 
 }  // namespace
