@@ -97,7 +97,7 @@ class _Simulated:
             self._unused = {p for p in self.compressed_params()
                             if all(not bool(torch.any(grads[i][p] != 0)) for i in range(self.N))}
             self.bytes_sent += self._flag_bytes * len(self.compressed_params())
-        if not self._dense_step():
+        if not self._dense_step() and self.compressed_params():  # no compressed matrix: a dense step
             self.bytes_sent += self._step_flag_bytes()
         out = []
         for p, (name, shape) in enumerate(self.params):

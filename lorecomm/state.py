@@ -206,8 +206,9 @@ class CommState:
         """
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if isinstance(model, DDP):
-            self._skip_unused = bool(model.find_unused_parameters or getattr(model, "static_graph", False))
+        # DDP drops the output of a parameter no rank used: the used flags must ride (set below)
+        skip_unused = (bool(model.find_unused_parameters or getattr(model, "static_graph", False))
+                       if isinstance(model, DDP) else self._skip_unused)
         if isinstance(model, torch.nn.Module):
             module = model.module if isinstance(model, DDP) else model
             owner = module  # a new DDP wrapper of the same module (Lightning's next fit) is the same model
@@ -230,6 +231,7 @@ class CommState:
         self._check_known(self._pending, [name for name, _ in named])
         if owner is not None:
             self._model_ref = weakref.ref(owner)
+        self._skip_unused = skip_unused
         self._params = {id(p): (i, name) for i, (name, p) in enumerate(named)}
         self._dense_params = dense
         self._plans.clear()

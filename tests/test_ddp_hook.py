@@ -1107,6 +1107,35 @@ def _refused_bind(rank, world):
     return refused, same and torch.equal(state.reduce(gc.clone(), [pc]), twin.reduce(gc.clone(), [pc]))
 
 
+def _refused_ddp_bind(rank, world):
+    def state_on(ddp):
+        state = lorecomm.LoreState(rank=2, start_step=1, min_compression_rate=1.0, auto_dense=False)
+        return lorecomm.register(ddp, state=state)
+
+    def trained(ddp, state):
+        for step in range(3):
+            tokens, img, y = batch(step, rank)
+            ddp.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(tokens, img), y).backward()
+        return state.stats()["bytes_sent"]
+
+    torch.manual_seed(0)
+    mine, twin = DDP(Net()), DDP(Net())
+    state, twin_state = state_on(mine), state_on(twin)
+    try:  # another model, which also needs the used flags: refused, and it must change nothing
+        state.bind(DDP(Net(), find_unused_parameters=True))
+        refused = None
+    except RuntimeError as e:
+        refused = str(e)
+    return refused, trained(mine, state), trained(twin, twin_state)
+
+
+def test_a_refused_bind_to_another_ddp_model_changes_nothing():
+    refused, sent, untouched = run_ranks(_refused_ddp_bind, 1)[0]
+    assert refused is not None and "already bound to another model" in refused, refused
+    assert sent == untouched > 0, (sent, untouched)  # the used flags would add 4 bytes per matrix and step
+
+
 def test_refused_bind_leaves_the_state_as_it_was():
     refused, same = run_ranks(_refused_bind, 1)[0]
     assert refused is not None and "does not have (e.g. c;" in refused, refused

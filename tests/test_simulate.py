@@ -34,3 +34,24 @@ def test_powersgd_bytes_and_dense_leftovers_follow_torch_rule():
     assert sim.bytes_sent == 4 * (20 + 30) * 2 + 4 * 20 + 4 * 16
     torch.testing.assert_close(out[1], ones[1])
     torch.testing.assert_close(out[2], ones[2])
+
+
+def test_a_step_with_nothing_compressed_counts_only_the_dense_bytes():
+    # the runtime sends such a bucket dense, without the finite flag a compressed step carries
+    # (Lore's dense steps after the warm-up go in its wire dtype, bf16)
+    from lorecomm.simulate import SimulatedGreedyLore, SimulatedLore, SimulatedRandomLinear
+
+    params = [("b", (20,)), ("s", (2, 3))]  # a bias, and a matrix too small to compress at rank 2
+    sims = [(SimulatedRandomLinear(2, params, rank=2, error_feedback=True, skip_unused=True), 4),
+            (SimulatedRandomLinear(2, params, rank=2), 4),
+            (SimulatedGreedyLore(2, params, rank=2, update_interval=3, start_step=0, selection="fixed"), 4),
+            (SimulatedGreedyLore(2, params, rank=2, update_interval=3, start_step=0, selection="random"), 4),
+            (SimulatedLore(2, params, rank=2, start_step=0, skip_unused=True), 2),
+            (SimulatedPowerSGD(2, params, rank=2), 4)]
+    g = torch.Generator().manual_seed(0)
+    for sim, per_element in sims:
+        assert sim.compressed_params() == [], type(sim).__name__
+        for _ in range(4):
+            sim.step([[torch.randn(20, generator=g, dtype=torch.float64),
+                       torch.randn(2, 3, generator=g, dtype=torch.float64)] for _ in range(2)])
+        assert sim.bytes_sent == 4 * per_element * 26, (type(sim).__name__, sim.bytes_sent)

@@ -223,7 +223,7 @@ void GreedyLoreStep::run_refresh(engine::Comm& comm) {
   if (error_feedback)
     for (size_t i = 0; i < batches.size(); ++i) {
       const auto& b = batches[i];
-      view_in(h, b.G).add_(unused[i].defined() ? at::where(unused[i], at::zeros_like(b.E), b.E) : b.E);
+      view_in(h, b.G).add_(unused[i].defined() ? b.E.masked_fill(unused[i], 0.0) : b.E);
     }
   comm.all_reduce_mean(h, "refresh");
   if (!h.is_same(buf)) buf.copy_(h);
