@@ -25,7 +25,8 @@ F64 = torch.float64
 
 
 def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
-    """Householder QR's Q with the signs fixed by R's diagonal (what the engine computes)."""
+    """Householder QR's Q with the signs fixed by R's diagonal (the engine's convention; it runs
+    the QR in float32 on its float32 sketches)."""
     q, r = torch.linalg.qr(Y)
     d = torch.sign(torch.diagonal(r))
     return q * torch.where(d == 0, torch.ones_like(d), d)
@@ -318,7 +319,7 @@ class SimulatedRandomLinear(_Simulated):
             sent = [h * mask for h in hs]
             scale = a / r if unbiased else 1.0
         else:
-            Q = random_frame(self.kind, key, a, r, unbiased).float().double()  # the runtime's float32 frame
+            Q = random_frame(self.kind, key, a, r, unbiased).float().double()  # float32, as the runtime's
             sent = [Q @ (Q.t() @ h) for h in hs]
             scale = a / r if (unbiased and self.kind == "haar") else 1.0
         if self.error_feedback:

@@ -1133,7 +1133,7 @@ def _refused_ddp_bind(rank, world):
 def test_a_refused_bind_to_another_ddp_model_changes_nothing():
     refused, sent, untouched = run_ranks(_refused_ddp_bind, 1)[0]
     assert refused is not None and "already bound to another model" in refused, refused
-    assert sent == untouched > 0, (sent, untouched)  # the used flags would add 4 bytes per matrix and step
+    assert sent == untouched > 0, (sent, untouched)  # the used flags would add a flag per matrix and step
 
 
 def test_refused_bind_leaves_the_state_as_it_was():

@@ -135,10 +135,10 @@ Tensor orthonormal_columns(const Tensor& Y) {
   auto [q, rr] = at::linalg_qr(Y.scalar_type() == at::kDouble ? Y : Y.to(at::kFloat));
   Tensor d = rr.diagonal(0, -2, -1).sign();
   d = at::where(d == 0, at::ones_like(d), d);
-  // LAPACK's Q is column-major: made row-major once here (the ops read V row by row; each
-  // would otherwise copy it), then the sign fix (exact) on the contiguous copy
-  return q.to(at::kFloat, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous)
-      .mul_(d.unsqueeze(-2).to(at::kFloat));
+  // LAPACK's Q is column-major: copied row-major once here (the ops read V row by row; each
+  // would otherwise copy it; to(kFloat, Contiguous) would not: a 3-D tensor's suggested
+  // format is always Contiguous), then the sign fix (exact) on that copy
+  return at::empty(q.sizes(), q.options().dtype(at::kFloat)).copy_(q).mul_(d.unsqueeze(-2).to(at::kFloat));
 }
 
 }  // namespace lorecomm::steps
