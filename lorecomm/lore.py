@@ -1,8 +1,9 @@
 """Lore: lorecomm's default compressor.
 
 A warm-started range tracker (PowerSGD's power step) with error feedback,
-low-precision factors whose rounding error stays in the error buffer, and k
-fresh random directions per matrix per step that make it a contraction for
+low-precision factors whose rounding error stays in the error buffer, and one
+fresh random direction per matrix on a step drawn with probability `explore`
+(1/8 by default; the same draw on every rank) that makes it a contraction for
 every gradient (docs/LORE.md). Two collectives per bucket (the
 sketch, then the factors with the dense leftovers), no SVD, no refresh, and
 state of the size of the gradient plus r x b per matrix.
