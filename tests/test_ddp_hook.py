@@ -622,6 +622,27 @@ def test_fp16_bucket_that_overflows_is_non_finite_and_keeps_E(kind):
         assert not finite and e_kept and skipped == 1, (finite, e_kept, skipped)
 
 
+def _fp16_wire_overflow(rank, world):
+    """An fp32 bucket on Lore's fp16 wire whose factors overflow while its sketch does not (Q, from
+    the last small gradient, is small beside the new H) counts as non-finite and keeps E and Q."""
+    ps, state, _ = _two_states("lore", [("w", (8, 12))], start_step=0, wire=torch.float16)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):  # the second step's Q is its Rbar: about 0.03 per entry
+        state.reduce(0.01 * torch.randn(8 * 12, generator=g), ps)
+    ts = state._param_tensors()["w"]
+    ts["E"][0, 0] = 3e5  # the sketch's entries ~ 1e4 fit fp16; R's ~ 3e5 does not
+    before = {k: ts[k].clone() for k in ("E", "Q")}
+    out = 0.01 * torch.randn(8 * 12, generator=g)
+    state.reduce(out, ps)
+    kept = {k: torch.equal(state._param_tensors()["w"][k], before[k]) for k in before}
+    return bool(torch.isfinite(out).all()), kept, state.stats()["nonfinite_steps"]
+
+
+def test_fp16_wire_whose_factors_overflow_is_non_finite_and_keeps_E_and_Q():
+    for finite, kept, skipped in run_ranks(_fp16_wire_overflow, 2):
+        assert not finite and all(kept.values()) and skipped == 1, (finite, kept, skipped)
+
+
 # --- dense embeddings by module type; CUDA buckets on a CPU build ---------------------------------
 class TokenModel(torch.nn.Module):
     def __init__(self):

@@ -78,7 +78,9 @@ void LoreStep::run(engine::Comm& comm) {
   const auto& buf = buffer;
   const auto fopts = buf.options().dtype(at::kFloat);
   const double N = comm.world_size();
-  const bool deferred = buf.scalar_type() == at::kHalf;  // E only after the fp16 output is checked
+  // E and Q only after the output is checked where a finite R can round to inf: an fp16 bucket, or
+  // an fp16 wire (a finite sketch does not bound R = V^T H: Q may be small beside a new gradient)
+  const bool deferred = buf.scalar_type() == at::kHalf || wire == at::kHalf;
   const int64_t dense_numel = numel_of(dense_ranges);
   int64_t sketch = 0, factors = 0, matrices = 0;
   // the tracked directions of each batch (at least one) and its random ones (`explore`, within a)
