@@ -145,20 +145,46 @@ def test_run_all_quick_writes_report(tmp_path):
     assert again.strip() == md.strip()
 
 
-def test_resume_reuses_only_a_raw_file_of_exactly_the_requested_runs(tmp_path):
+def test_resume_reuses_only_a_raw_file_of_exactly_the_requested_runs_from_the_same_environment(tmp_path):
     import json
 
+    from convergence.ddp_runner import environment
     from convergence.run_all import reusable
+    env = environment()
     spec = dict(task="lm", preset="base", seq=64, batch=8, desc="LM")
     runs = [dict(method="dense", opt="adamw", steps=10, rank=8), dict(method="lore", opt="adamw", steps=10, rank=8)]
-    saved = dict(spec=spec, world_size=2, runs=[dict(r, losses=[1.0, 0.5]) for r in runs])
+    saved = dict(spec=spec, world_size=2, environment=env, runs=[dict(r, losses=[1.0, 0.5]) for r in runs])
     path = tmp_path / "raw.json"
     path.write_text(json.dumps(saved))
-    assert reusable(str(path), spec, runs, 2)["runs"][1]["losses"] == [1.0, 0.5]
-    assert reusable(str(path), spec, runs, 4) is None  # other world size
-    assert reusable(str(path), dict(spec, seq=128), runs, 2) is None  # other spec
-    assert reusable(str(path), spec, runs[:1], 2) is None  # an interrupted or different list
-    assert reusable(str(path), spec, [runs[0], dict(runs[1], rank=4)], 2) is None  # one setting changed
-    assert reusable(str(tmp_path / "missing.json"), spec, runs, 2) is None
+    assert reusable(str(path), spec, runs, 2, env)["runs"][1]["losses"] == [1.0, 0.5]
+    assert reusable(str(path), spec, runs, 4, env) is None  # other world size
+    assert reusable(str(path), dict(spec, seq=128), runs, 2, env) is None  # other spec
+    assert reusable(str(path), spec, runs[:1], 2, env) is None  # an interrupted or different list
+    assert reusable(str(path), spec, [runs[0], dict(runs[1], rank=4)], 2, env) is None  # one setting changed
+    assert reusable(str(path), spec, runs, 2, dict(env, code="0" * 16)) is None  # other code
+    assert reusable(str(path), spec, runs, 2, dict(env, torch="2.0.0")) is None  # other library
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "environment"}))
+    assert reusable(str(path), spec, runs, 2, env) is None  # written before environments were recorded
+    assert reusable(str(tmp_path / "missing.json"), spec, runs, 2, env) is None
     path.write_text("{ truncated")
-    assert reusable(str(path), spec, runs, 2) is None
+    assert reusable(str(path), spec, runs, 2, env) is None
+
+
+def test_environment_changes_with_the_code_it_hashes(tmp_path, monkeypatch):
+    """The fingerprint covers lorecomm's sources: a package with one changed file hashes differently."""
+    import shutil
+
+    import lorecomm
+    from convergence import ddp_runner
+    pkg = os.path.dirname(lorecomm.__file__)
+    a = ddp_runner.environment()
+    assert a == ddp_runner.environment()  # deterministic
+    copy = tmp_path / "lorecomm"
+    shutil.copytree(pkg, copy)
+    monkeypatch.setattr(lorecomm, "__file__", str(copy / "__init__.py"))
+    assert ddp_runner.environment() == a  # the same files elsewhere: the same code
+    with open(copy / "lore.py", "a") as fh:
+        fh.write("\n# changed\n")
+    b = ddp_runner.environment()
+    assert b["code"] != a["code"] and {k: v for k, v in b.items() if k != "code"} == \
+        {k: v for k, v in a.items() if k != "code"}

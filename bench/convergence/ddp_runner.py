@@ -6,8 +6,11 @@ in turn from the same seed, same data stream, same schedule. Rank 0 shows a prog
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import platform
 import socket
 import sys
 import time
@@ -146,7 +149,7 @@ def _worker(rank, world, port, spec, runs, out_path, show_progress, threads):
         prog.close()
         if rank == 0:
             out = {"spec": spec, "world_size": world, "data": task.data_info,
-                   "model": task.model_kind, "runs": results}
+                   "model": task.model_kind, "environment": environment(), "runs": results}
             tmp = out_path + ".tmp"
             with open(tmp, "w") as fh:
                 json.dump(out, fh)
@@ -156,6 +159,36 @@ def _worker(rank, world, port, spec, runs, out_path, show_progress, threads):
         raise
     finally:
         dist.destroy_process_group()
+
+
+def environment():
+    """What a raw result depends on beyond its spec: the code (a hash of lorecomm's Python sources and
+    built extension, and of this benchmark's sources), the library versions and the CPU. Two files with
+    different environments may differ bit for bit (a changed QR rounding, another BLAS path), so
+    run_all.py's --resume reuses a raw file only when this matches."""
+    import lorecomm
+
+    pkg = os.path.dirname(os.path.abspath(lorecomm.__file__))
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha1()
+    for root, patterns in ((pkg, ("**/*.py", "_C*.so", "_C*.pyd")), (here, ("*.py",))):
+        for f in sorted({f for p in patterns for f in glob.glob(os.path.join(root, p), recursive=True)}):
+            h.update(os.path.relpath(f, root).encode())
+            with open(f, "rb") as fh:
+                h.update(hashlib.sha1(fh.read()).digest())
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import transformers
+        tf = transformers.__version__
+    except ImportError:
+        tf = None
+    return {"code": h.hexdigest()[:16], "torch": torch.__version__, "transformers": tf,
+            "python": platform.python_version(), "cpu": cpu}
 
 
 def free_port():

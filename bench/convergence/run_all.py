@@ -30,7 +30,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.dirname(BENCH))
 
 from convergence import quadratics as Qd  # noqa: E402
-from convergence.ddp_runner import run_ddp as train_ddp  # noqa: E402
+from convergence.ddp_runner import environment, run_ddp as train_ddp  # noqa: E402
 from convergence.diagnostics import __doc__ as DIAG_DOC, digits_diagnostic  # noqa: E402
 from convergence.report import (ddp_rows, fmt_bytes, frontier_points, markdown_table, plot_ddp,  # noqa: E402
                                 plot_frontier, plot_quadratics, plot_speedup)
@@ -359,16 +359,17 @@ def check_claims(W, cfg):
 
 
 # ----------------------------------------------------------------------------- main
-def reusable(path, spec, runs, world_size):
+def reusable(path, spec, runs, world_size, env):
     """The raw results at ``path`` if they hold exactly ``spec`` and ``runs`` (every requested setting of
-    every run, in order) on ``world_size`` ranks; None otherwise (missing, partial or different)."""
+    every run, in order) on ``world_size`` ranks, written in environment ``env`` (ddp_runner.environment():
+    the same code, libraries and CPU); None otherwise (missing, partial, different, or from other code)."""
     try:
         with open(path) as fh:
             saved = json.load(fh)
     except (OSError, ValueError):
         return None
     same = lambda x, y: json.loads(json.dumps(x)) == json.loads(json.dumps(y))  # noqa: E731 (tuples vs lists)
-    if saved.get("world_size") != world_size or not same(saved.get("spec"), spec):
+    if saved.get("world_size") != world_size or not same(saved.get("spec"), spec) or saved.get("environment") != env:
         return None
     done = saved.get("runs", [])
     if len(done) != len(runs) or any(not same({k: d.get(k) for k in r}, r) for d, r in zip(done, runs)):
@@ -388,8 +389,8 @@ def main(argv=None):
                     help="re-render the report from the raw results of the last run (OUT/tmp/*_all.json)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse a DDP workload's raw file (OUT/tmp) when it holds exactly the spec and runs this "
-                         "invocation would train (e.g. after an interrupted run); the file is trusted to come from "
-                         "the current code")
+                         "invocation would train (e.g. after an interrupted run) and was written by the same code "
+                         "(lorecomm's sources and built extension, this benchmark's), library versions and CPU")
     args = ap.parse_args(argv)
     if args.report_only:
         prefix = "convergence" + ("_quick" if args.quick else "")
@@ -416,11 +417,15 @@ def main(argv=None):
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    env = environment() if args.resume else None
     reused, reused_s = [], [0.0]  # what --resume took from raw files, and the wall time it had cost
 
     def run_ddp(spec, runs, world_size, path, progress):
         if args.resume:
-            saved = reusable(path, spec, runs, world_size)
+            saved = reusable(path, spec, runs, world_size, env)
+            if saved is None and os.path.exists(path):
+                log(f"[resume] {spec.get('desc', spec['task'])}: {path} is not reused (other runs, spec or "
+                    "environment: code, libraries or CPU); training afresh")
             if saved is not None:
                 log(f"[resume] {spec.get('desc', spec['task'])}: {len(runs)} runs reused from {path}")
                 reused.append(spec.get("desc", spec["task"]))
