@@ -135,10 +135,11 @@ Tensor orthonormal_columns(const Tensor& Y) {
   auto [q, rr] = at::linalg_qr(Y.scalar_type() == at::kDouble ? Y : Y.to(at::kFloat));
   Tensor d = rr.diagonal(0, -2, -1).sign();
   d = at::where(d == 0, at::ones_like(d), d);
-  // LAPACK's Q is column-major: copied row-major once here (the ops read V row by row; each
-  // would otherwise copy it; to(kFloat, Contiguous) would not: a 3-D tensor's suggested
-  // format is always Contiguous), then the sign fix (exact) on that copy
-  return at::empty(q.sizes(), q.options().dtype(at::kFloat)).copy_(q).mul_(d.unsqueeze(-2).to(at::kFloat));
+  // LAPACK's Q is column-major: the sign fix (exact) writes it row-major in one pass (the ops
+  // read V row by row; each would otherwise copy it; to(kFloat, Contiguous) would not: a 3-D
+  // tensor's suggested format is always Contiguous)
+  Tensor v = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  return at::mul_out(v, q, d.unsqueeze(-2));
 }
 
 }  // namespace lorecomm::steps
