@@ -124,6 +124,8 @@ class Method:
             for k in ("min_compression_rate", "explore"):
                 if k in cfg:
                     kw[k] = cfg[k]
+            if "wire" in cfg:  # a dtype name, e.g. "float32" (JSON-safe in the raw results)
+                kw["wire"] = getattr(torch, cfg["wire"])
             self.state = lorecomm.register(ddp, state=lorecomm.LoreState(process_group=ddp.process_group, **kw))
             self.note = ", ".join(f"{k}={v}" for k, v in kw.items())
         elif name in GREEDY:
