@@ -188,3 +188,15 @@ def test_environment_changes_with_the_code_it_hashes(tmp_path, monkeypatch):
     b = ddp_runner.environment()
     assert b["code"] != a["code"] and {k: v for k, v in b.items() if k != "code"} == \
         {k: v for k, v in a.items() if k != "code"}
+
+
+def test_replicates_parses_methods_and_names_the_bad_part():
+    sys.path.insert(0, os.path.join(BENCH, "research"))
+    from replicates import parse_method
+    assert parse_method("lore:rank=8:lore_rank=16:wire=float32:explore=0") == \
+        dict(method="lore", rank=8, lore_rank=16, wire="float32", explore=0.0)
+    assert parse_method("powersgd:rank=4") == dict(method="powersgd", rank=4)
+    for bad, says in (("sgd:rank=2", "unknown method 'sgd'"), ("lore:rk=2", "'rk=2'"),
+                      ("lore:rank", "'rank'"), ("lore:wire=fp8", "wire='fp8'")):
+        with pytest.raises(SystemExit, match=says):
+            parse_method(bad)
