@@ -190,8 +190,8 @@ def test_environment_changes_with_the_code_it_hashes(tmp_path, monkeypatch):
         {k: v for k, v in a.items() if k != "code"}
 
 
-def test_replicates_parses_methods_and_names_the_bad_part():
-    sys.path.insert(0, os.path.join(BENCH, "research"))
+def test_replicates_parses_methods_and_names_the_bad_part(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(BENCH, "research"))
     from replicates import parse_method
     assert parse_method("lore:rank=8:lore_rank=16:wire=float32:explore=0") == \
         dict(method="lore", rank=8, lore_rank=16, wire="float32", explore=0.0)

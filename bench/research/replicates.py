@@ -26,9 +26,11 @@ import torch  # noqa: E402
 
 from convergence.ddp_runner import run_ddp  # noqa: E402
 from convergence.methods import ALL_METHODS  # noqa: E402
+from convergence.run_all import LR, configs  # noqa: E402
 
-LM = dict(steps=160, start_step=30, update_interval=40, rank=8, eval_every=20, clip=1.0)
-LR = {"adamw": 3e-3, "sgdm": 0.2}  # convergence.md's LM learning rates
+CFG = configs(quick=False)
+LM = dict(CFG["lm"], clip=1.0)  # convergence.md's LM runs (clipped there too)
+OPTS = sorted(opt for kind, opt in LR if kind == "lm")
 KEYS = {"rank": int, "lore_rank": int, "explore": float, "wire": str}
 
 
@@ -50,15 +52,15 @@ def parse_method(text):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", required=True, help="comma-separated name:key=value:... (see above)")
-    ap.add_argument("--opt", choices=sorted(LR), default="adamw")
+    ap.add_argument("--opt", choices=OPTS, default="adamw")
     ap.add_argument("--seeds", default="0,1,2,3", help="the runs' own seeds")
     ap.add_argument("--data-seed", type=int, default=0, help="the spec's seed: data order and initialisation")
     ap.add_argument("--out", default="/tmp/lorecomm_replicates.json", help="raw results (JSON)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [parse_method(m) for m in args.methods.split(",")]
-    spec = {"task": "lm", "preset": "base", "seq": 64, "batch": 8, "seed": args.data_seed, "desc": "replicates"}
-    runs = [dict(LM, **m, opt=args.opt, lr=LR[args.opt], seed=s, label=f"{text}/{args.opt}")
+    spec = dict(CFG["lm_spec"], seed=args.data_seed, desc="replicates")
+    runs = [dict(LM, **m, opt=args.opt, lr=LR[("lm", args.opt)], seed=s, label=f"{text}/{args.opt}")
             for text, m in zip(args.methods.split(","), methods) for s in seeds]
     res = run_ddp(spec, runs, 2, args.out, progress=True)
     per = {}
